@@ -95,7 +95,8 @@ class TabletopEnv(gym.Env):
         img = spaces.Box(0, 255, (self.image_size, self.image_size, 3), dtype=np.uint8)
         self.observation_space = spaces.Dict({
             **{f"observation.images.{c}": img for c in self.cameras},
-            "observation.state": spaces.Box(-np.inf, np.inf, (7,), dtype=np.float32),
+            # joint limits are soft in MuJoCo: allow a little overshoot
+            "observation.state": spaces.Box(lo - 0.1, hi + 0.1, dtype=np.float32),
             "task": spaces.Text(max_length=200, min_length=1, charset=INSTRUCTION_CHARS),
         })
         self._renderers: dict[int, mujoco.Renderer] = {}
@@ -170,9 +171,11 @@ class TabletopEnv(gym.Env):
         return self._observation(), float(self._success), terminated, truncated, self._info()
 
     def _ee_delta_to_joint(self, a: np.ndarray) -> np.ndarray:
-        target = self.tool_pos() + a[:3]
-        rot = down_rotation(self.tool_yaw() + a[3])
-        q = self.ik.solve(self.data.ctrl[:6].copy(), target, rot, iters=20)
+        # integrate on the commanded pose, not the measured one, so servo lag does not accumulate
+        q_cmd = self.data.ctrl[:6].copy()
+        pos, rot = self.ik.forward(q_cmd)
+        target_rot = down_rotation(tool_yaw(rot) + a[3])
+        q = self.ik.solve(q_cmd, pos + a[:3], target_rot, iters=20)
         return np.append(q, a[4])
 
     def _info(self) -> dict:

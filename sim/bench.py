@@ -1,0 +1,85 @@
+"""Figures for BENCHMARKS.md: expert success, sim step and render time, collect and reader speed."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import tempfile
+import time
+
+import mujoco
+import numpy as np
+
+from vla.sim.collect import collect
+
+
+def _expert_job(job):
+    from vla.sim import make_env
+    from vla.sim.experts import run_expert_episode
+
+    task, seeds = job
+    env = make_env(task, cameras=())
+    return task, [run_expert_episode(env, s)[:2] for s in seeds]
+
+
+def expert_table(tasks: list[str], episodes: int, workers: int = 2, seed: int = 0) -> list[dict]:
+    """Expert success over seeds seed..seed+episodes-1 per task (no rendering)."""
+    per_job = max(1, episodes // (2 * workers))
+    jobs = [(t, list(range(s, min(s + per_job, seed + episodes)))) for t in tasks
+            for s in range(seed, seed + episodes, per_job)]
+    results = {t: [] for t in tasks}
+    with mp.get_context("spawn").Pool(workers) as pool:
+        for task, res in pool.imap_unordered(_expert_job, jobs):
+            results[task].extend(res)
+    rows = []
+    for t in tasks:
+        ok = [s for s, _ in results[t]]
+        rows.append({"task": t, "episodes": len(ok), "successes": int(sum(ok)), "rate": float(np.mean(ok)),
+                     "mean_length": float(np.mean([n for _, n in results[t]]))})
+    return rows
+
+
+def _median_ms(fn, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def bench_sim(tasks: list[str], workers: int = 2, episodes: int = 10) -> dict:
+    from vla.dataset import LeRobotDataset
+    from vla.sim import make_env
+    from vla.sim.experts import ScriptedExpert
+
+    env = make_env("stack_cubes", image_size=96)
+    env.reset(seed=0)
+    expert = ScriptedExpert(env)
+    expert.reset()
+    env.data.ctrl[:] = np.append(expert.act()[:6], [0.04, 0.04])
+    step_ms = _median_ms(lambda: mujoco.mj_step(env.model, env.data, nstep=env.n_substeps), 200)
+    render_ms = {}
+    for size in (64, 96, 128):
+        env.render_camera("front", size)
+        render_ms[str(size)] = _median_ms(lambda: env.render_camera("front", size), 200)
+    env.reset(seed=1)
+    expert.reset()
+    env_step_ms = _median_ms(lambda: env.step(expert.act()), 40)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = collect(f"{tmp}/ds", tasks, episodes, workers=workers, image_size=96, progress=False)
+        t0 = time.perf_counter()
+        ds = LeRobotDataset(f"{tmp}/ds", horizon=16)
+        load_s = time.perf_counter() - t0
+        rng = np.random.default_rng(0)
+        idx = rng.integers(len(ds), size=20000)
+        t0 = time.perf_counter()
+        for i in idx:
+            ds[int(i)]
+        samples_per_s = len(idx) / (time.perf_counter() - t0)
+    return {
+        "substeps": env.n_substeps, "step_ms": step_ms, "render_ms": render_ms, "env_step_ms": env_step_ms,
+        "collect": {"frames": summary["frames"], "frames_per_s": summary["frames_per_s"], "workers": workers,
+                    "tasks": tasks, "episodes_per_task": episodes},
+        "reader": {"frames": len(ds), "load_s": load_s, "samples_per_s": samples_per_s},
+    }

@@ -1,0 +1,98 @@
+"""Expert demonstrations into a LeRobotDataset v3, rolled out by worker processes.
+
+Episode seeds are `seed + k` per task; only successful expert episodes are kept (a failed seed is
+replaced by the next one). Each episode row records `sim_task` and `sim_seed`, so a second run on
+the same directory collects only what is missing to reach `episodes` per task: an interrupted run
+resumes, a finished one is a no-op. Evaluation uses seeds from EVAL_SEED_START, never used here.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vla.dataset import DatasetWriter, video_feature
+from vla.sim.env import CAMERAS, CONTROL_HZ
+from vla.sim.ik import ARM_JOINTS
+from vla.sim.tasks import resolve_task
+
+EVAL_SEED_START = 1_000_000
+STATE_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]
+_ENVS: dict = {}
+
+
+def dataset_features(image_size: int, cameras=CAMERAS) -> dict:
+    feats = {f"observation.images.{c}": video_feature(image_size, image_size, CONTROL_HZ) for c in cameras}
+    feats["observation.state"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
+    feats["action"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
+    return feats
+
+
+def _rollout(job):
+    """Worker: one expert episode -> arrays, or None if the expert failed."""
+    from vla.sim import make_env
+    from vla.sim.experts import run_expert_episode
+
+    task, seed, image_size, cameras = job
+    key = (task, image_size, cameras)
+    if key not in _ENVS:
+        _ENVS[key] = make_env(task, image_size=image_size, cameras=cameras)
+    env = _ENVS[key]
+    success, length, frames = run_expert_episode(env, seed, record=True)
+    if not success:
+        return task, seed, None
+    out = {f"observation.images.{c}": np.stack([o[f"observation.images.{c}"] for o, _ in frames])
+           for c in cameras}
+    out["observation.state"] = np.stack([o["observation.state"] for o, _ in frames])
+    out["action"] = np.stack([a for _, a in frames])
+    return task, seed, (out, frames[0][0]["task"])
+
+
+def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, image_size: int = 96,
+            cameras=CAMERAS, seed: int = 0, episodes_per_file: int = 100, progress: bool = True) -> dict:
+    """Collect `episodes` successful expert episodes per task into `out`. Returns a summary."""
+    tasks = [resolve_task(t) for t in tasks]
+    cameras = tuple(cameras)
+    writer = DatasetWriter(out, CONTROL_HZ, dataset_features(image_size, cameras), robot_type="vla_arm6",
+                           episodes_per_file=episodes_per_file)
+    done = {t: set() for t in tasks}
+    for e in writer.episodes:
+        if e.get("sim_task") in done:
+            done[e["sim_task"]].add(e["sim_seed"])
+    next_seed = {t: seed for t in tasks}
+    failed = {t: 0 for t in tasks}
+    todo = sum(max(0, episodes - len(done[t])) for t in tasks)
+    frames_written, t0 = 0, time.perf_counter()
+    ctx = mp.get_context("spawn")
+    bar = tqdm(total=todo, desc="collect", unit="ep", disable=not progress)
+    with ctx.Pool(workers) as pool:
+        while True:
+            jobs = []
+            for t in tasks:
+                for _ in range(episodes - len(done[t])):
+                    while next_seed[t] in done[t]:
+                        next_seed[t] += 1
+                    jobs.append((t, next_seed[t], image_size, cameras))
+                    next_seed[t] += 1
+            if not jobs:
+                break
+            for task, s, result in pool.imap(_rollout, jobs):
+                if result is None:
+                    failed[task] += 1
+                    continue
+                arrays, instruction = result
+                writer.add_episode(arrays, instruction, extra={"sim_task": task, "sim_seed": s})
+                done[task].add(s)
+                frames_written += len(arrays["action"])
+                bar.update(1)
+                bar.set_postfix(frames=frames_written)
+    writer.close()
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"episodes_written": todo, "frames": frames_written, "seconds": elapsed,
+            "frames_per_s": frames_written / elapsed if elapsed > 0 else 0.0, "expert_failures": failed,
+            "total_episodes": writer.info["total_episodes"]}
