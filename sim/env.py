@@ -15,15 +15,13 @@ from __future__ import annotations
 import os
 import string
 
-os.environ.setdefault("MUJOCO_GL", "egl")
+import gymnasium as gym
+import mujoco
+import numpy as np
+from gymnasium import spaces
 
-import gymnasium as gym  # noqa: E402
-import mujoco  # noqa: E402
-import numpy as np  # noqa: E402
-from gymnasium import spaces  # noqa: E402
-
-from vla.sim.ik import ARM_JOINTS, ArmIK, down_rotation, tool_yaw  # noqa: E402
-from vla.sim.scene import build_model  # noqa: E402
+from vla.sim.ik import ARM_JOINTS, ArmIK, down_rotation, tool_yaw
+from vla.sim.scene import build_model
 
 CONTROL_HZ = 10
 FINGER_OPEN = 0.04  # m, each finger's travel
@@ -187,7 +185,13 @@ class TabletopEnv(gym.Env):
     def _renderer(self, size: int) -> mujoco.Renderer:
         r = self._renderers.get(size)
         if r is None:
-            r = mujoco.Renderer(self.model, size, size)
+            try:
+                r = mujoco.Renderer(self.model, size, size)
+            except Exception as e:  # mujoco raises FatalError or GLFW errors, depending on backend
+                raise RuntimeError(
+                    f"offscreen rendering failed with MUJOCO_GL={os.environ.get('MUJOCO_GL')!r}: {e}. "
+                    "Set MUJOCO_GL=egl (or osmesa) before mujoco is first imported, and install "
+                    "libegl1 (or libosmesa6); scripts/setup.sh does both.") from e
             for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION,
                          mujoco.mjtRndFlag.mjRND_SKYBOX, mujoco.mjtRndFlag.mjRND_FOG,
                          mujoco.mjtRndFlag.mjRND_HAZE):
