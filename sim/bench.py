@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import multiprocessing as mp
 import tempfile
 import time
@@ -62,6 +63,18 @@ def bench_sim(tasks: list[str], workers: int = 2, episodes: int = 10) -> dict:
     for size in (64, 96, 128):
         env.render_camera("front", size)
         render_ms[str(size)] = _median_ms(lambda: env.render_camera("front", size), 200)
+    # the same frame with MuJoCo's defaults (shadow-casting light, 4096 px shadow map), for the ratio
+    shadowed = copy.copy(env.model)
+    shadowed.vis.quality.shadowsize = 4096
+    shadowed.light_castshadow[:] = 1
+    r = mujoco.Renderer(shadowed, 96, 96)
+
+    def render_shadowed():
+        r.update_scene(env.data, camera="front")
+        r.render()
+
+    render_ms["96+shadows"] = _median_ms(render_shadowed, 50)
+    r.close()
     env.reset(seed=1)
     expert.reset()
     env_step_ms = _median_ms(lambda: env.step(expert.act()), 40)

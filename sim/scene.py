@@ -65,7 +65,9 @@ def bin_(name: str) -> str:
 def button(name: str, color: str) -> str:
     return f"""
     <body name="{name}" mocap="true" pos="0 0 0">
-      <geom class="object" type="box" size="0.03 0.03 0.01" pos="0 0 0.01" rgba="0.3 0.3 0.32 1"/>
+      <!-- the housing must never touch its cap: MuJoCo 3.3 does not filter this parent-child pair -->
+      <geom class="object" type="box" size="0.03 0.03 0.01" pos="0 0 0.01" rgba="0.3 0.3 0.32 1"
+            contype="2" conaffinity="2"/>
       <body name="{name}_cap" pos="0 0 0.02">
         <joint name="{name}" type="slide" axis="0 0 1" range="-{BUTTON_TRAVEL} 0" stiffness="300"
                damping="3" springref="0"/>

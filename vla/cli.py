@@ -87,7 +87,8 @@ def cmd_bench_sim(args) -> int:
 def _format_bench(r: dict) -> str:
     lines = [f"physics step (0.1 s of sim, {r['substeps']} substeps): {r['step_ms']:.3f} ms median"]
     for size, ms in r["render_ms"].items():
-        lines.append(f"render {size:>3s} px, one camera: {ms:.3f} ms median")
+        lines.append(f"render {size} px, one camera: {ms:.3f} ms median")
+    lines.append(f"shadows off saves {r['render_ms']['96+shadows'] / r['render_ms']['96']:.1f}x at 96 px")
     lines.append(f"env.step with 2 cameras at 96 px: {r['env_step_ms']:.3f} ms median")
     lines.append(f"collect: {r['collect']['frames_per_s']:.0f} frames/s "
                  f"({r['collect']['frames']} frames, {r['collect']['workers']} workers)")
