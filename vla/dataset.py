@@ -430,21 +430,29 @@ class LeRobotDataset:
     def __len__(self) -> int:
         return len(self.state)
 
+    def batch(self, indices) -> dict:
+        """Samples for many frame indices at once, stacked (the training path)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        end = self.ep_end[self.frame_episode[idx]]
+        steps = idx[:, None] + np.arange(self.horizon)[None]
+        out = {k: self.images[k][idx] for k in self.video_keys}
+        out.update({
+            "observation.state": self.state[idx],
+            "action": self.action[np.minimum(steps, end[:, None] - 1)],
+            "action_is_pad": steps >= end[:, None],
+            "task_index": self.task_index[idx],
+            "episode_index": self.episode_index[idx],
+            "frame_index": self.frame_index[idx],
+            "index": idx,
+        })
+        return out
+
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(i)
-        i %= len(self)
-        end = self.ep_end[self.frame_episode[i]]
-        steps = i + np.arange(self.horizon)
-        pad = steps >= end
-        sample = {k: self.images[k][i] for k in self.video_keys}
-        sample.update({
-            "observation.state": self.state[i],
-            "action": self.action[np.minimum(steps, end - 1)],
-            "action_is_pad": pad,
-            "task": self.meta.tasks[int(self.task_index[i])],
-            "episode_index": int(self.episode_index[i]),
-            "frame_index": int(self.frame_index[i]),
-            "index": int(i),
-        })
+        b = self.batch([i % len(self)])
+        sample = {k: v[0] for k, v in b.items()}
+        sample["task"] = self.meta.tasks[int(sample.pop("task_index"))]
+        for k in ("episode_index", "frame_index", "index"):
+            sample[k] = int(sample[k])
         return sample

@@ -1,0 +1,132 @@
+"""Frozen configs of the model and of a training recipe, read from YAML and stored as JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The vision-language backbone. With `pretrained` unset a nano Idefics3 (SmolVLM's classes) is
+    built from the sizes below and trained from scratch; with `pretrained` a local directory (or hub
+    id, where a hub is reachable) of any Idefics3 / SmolVLM checkpoint is loaded instead."""
+
+    pretrained: str | None = None
+    image_size: int = 64  # the vision encoder's input size; camera frames are resized to it
+    patch_size: int = 8
+    scale_factor: int = 2  # SmolVLM's pixel shuffle: tokens per image / scale_factor**2
+    vision_hidden: int = 64
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_mlp: int = 256
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    text_kv_heads: int = 2
+    text_mlp: int = 384
+    max_text_tokens: int = 12
+    freeze: bool = False  # freeze the pretrained backbone (the head and state projection still train)
+    lora_rank: int = 0  # >0: LoRA adapters (peft) on the language model's attention projections
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    type: str = "diffusion"  # diffusion | flow | l1
+    hidden: int = 128
+    layers: int = 3
+    heads: int = 4
+    mlp: int = 512
+    train_timesteps: int = 100  # diffusion: DDPM steps in training
+    inference_steps: int = 10  # diffusion: DDIM steps; flow: Euler steps
+    beta_schedule: str = "squaredcos_cap_v2"
+    noise_samples: int = 4  # noisy copies per sample in training (the head is cheap next to the backbone)
+
+
+@dataclass(frozen=True)
+class VLAConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    cameras: tuple[str, ...] = ("front", "wrist")
+    image_size: int = 64  # camera frames as the env / robot delivers them
+    state_dim: int = 7
+    action_dim: int = 7
+    horizon: int = 16  # actions per chunk
+    n_action_steps: int = 8  # actions executed before re-planning
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VLAConfig:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        backbone = _build(BackboneConfig, d.pop("backbone", {}), "backbone")
+        head = _build(HeadConfig, d.pop("head", {}), "head")
+        if "cameras" in d:
+            d["cameras"] = tuple(d["cameras"])
+        cfg = cls(backbone=backbone, head=head, **d)
+        if cfg.head.type not in ("diffusion", "flow", "l1"):
+            raise ValueError(f"head.type must be diffusion, flow or l1, got {cfg.head.type!r}")
+        if cfg.n_action_steps > cfg.horizon:
+            raise ValueError(f"n_action_steps {cfg.n_action_steps} > horizon {cfg.horizon}")
+        return cfg
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    dataset: str = "data/suite96"
+    output_dir: str = "runs/nano"
+    steps: int = 20000
+    batch_size: int = 64
+    lr: float = 3e-4
+    backbone_lr: float | None = None  # defaults to lr
+    weight_decay: float = 1e-4
+    warmup_steps: int = 500
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    num_workers: int = 0
+    log_every: int = 50
+    save_every: int = 1000
+    keep_last: int = 3
+    eval_every: int = 0  # >0: sim success on a few episodes per task every that many steps
+    eval_episodes: int = 2
+    augment: bool = True
+    threads: int = 0  # torch threads on CPU; 0 keeps torch's default
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        return _build(cls, d, "train")
+
+
+def _build(cls, d: dict, where: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {where} config keys: {sorted(unknown)}")
+    return cls(**d)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[VLAConfig, TrainConfig]:
+    """A YAML recipe {model: ..., train: ...}; overrides like `train.steps=100` or
+    `model.head.type=flow` (values parsed as YAML)."""
+    recipe = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override must look like key.sub=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = recipe
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(value)
+    unknown = set(recipe) - {"model", "train"}
+    if unknown:
+        raise ValueError(f"{path}: unknown top-level keys {sorted(unknown)} (expected model, train)")
+    return VLAConfig.from_dict(recipe.get("model", {})), TrainConfig.from_dict(recipe.get("train", {}))

@@ -1,0 +1,289 @@
+"""The VLA: an Idefics3 (SmolVLM) backbone encodes the prefix once per control step; an action
+transformer attends to it to produce a chunk of actions with a diffusion, flow or L1 head.
+
+Prefix, in this order: instruction tokens, then each camera's visual tokens (vision encoder +
+SmolVLM's pixel-shuffle connector), then one token for the robot state. The language model runs
+over it once. The head's cross-attention keys/values of that prefix (`PrefixCache`) are computed
+once and reused by every denoising step: no step re-runs the backbone or re-projects the prefix.
+Inputs and outputs of this module are normalized; `policies/` converts to and from raw units.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler
+from torch import nn
+from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
+
+from vla.config import BackboneConfig, HeadConfig, VLAConfig
+
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.5  # SigLIP's normalization, as SmolVLM's processor uses
+
+
+def nano_idefics3_config(b: BackboneConfig, vocab_size: int, pad_id: int, image_token_id: int) -> Idefics3Config:
+    return Idefics3Config(
+        vision_config={
+            "hidden_size": b.vision_hidden, "intermediate_size": b.vision_mlp,
+            "num_hidden_layers": b.vision_layers, "num_attention_heads": b.vision_heads,
+            "image_size": b.image_size, "patch_size": b.patch_size, "num_channels": 3,
+        },
+        text_config={
+            "model_type": "llama", "vocab_size": vocab_size, "hidden_size": b.text_hidden,
+            "intermediate_size": b.text_mlp, "num_hidden_layers": b.text_layers,
+            "num_attention_heads": b.text_heads, "num_key_value_heads": b.text_kv_heads,
+            "max_position_embeddings": 512, "pad_token_id": pad_id, "rms_norm_eps": 1e-5,
+            "tie_word_embeddings": False,
+        },
+        scale_factor=b.scale_factor, image_token_id=image_token_id, pad_token_id=pad_id,
+        tie_word_embeddings=False,
+    )
+
+
+class Backbone(nn.Module):
+    """A transformers Idefics3Model used as an encoder of the VLA prefix."""
+
+    def __init__(self, vlm: Idefics3Model, tokenizer, cfg: BackboneConfig):
+        super().__init__()
+        self.vlm = vlm
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.hidden = vlm.config.text_config.hidden_size
+        self.vision_size = vlm.config.vision_config.image_size
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def nano(cls, cfg: BackboneConfig, tokenizer) -> Backbone:
+        config = nano_idefics3_config(cfg, len(tokenizer), tokenizer.pad_token_id,
+                                      tokenizer.convert_tokens_to_ids("<image>"))
+        config._attn_implementation = "sdpa"
+        return cls(Idefics3Model(config), tokenizer, cfg)
+
+    @classmethod
+    def pretrained(cls, cfg: BackboneConfig) -> Backbone:
+        """Any Idefics3 / SmolVLM checkpoint: a local directory, or a hub id where a hub is reachable."""
+        vlm = Idefics3Model.from_pretrained(cfg.pretrained, attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(cfg.pretrained)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        return cls(vlm, tokenizer, cfg)
+
+    def tokenize(self, texts: list[str], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fixed-length ids and mask (static shapes: max_text_tokens)."""
+        enc = self.tokenizer(list(texts), padding="max_length", truncation=True,
+                             max_length=self.cfg.max_text_tokens, return_tensors="pt")
+        return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, n_cam, 3, S, S) normalized -> (B, n_cam * tokens_per_image, hidden)."""
+        b, n = images.shape[:2]
+        x = images.flatten(0, 1)
+        if x.shape[-1] != self.vision_size:
+            x = F.interpolate(x, size=(self.vision_size, self.vision_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        side = self.vision_size // self.vlm.config.vision_config.patch_size
+        patch_mask = torch.ones(x.shape[0], side, side, dtype=torch.bool, device=x.device)
+        hidden = self.vlm.vision_model(pixel_values=x, patch_attention_mask=patch_mask).last_hidden_state
+        feats = self.vlm.connector(hidden)
+        return feats.reshape(b, n * feats.shape[1], feats.shape[2])
+
+    def forward(self, input_ids, text_mask, images, state_token) -> tuple[torch.Tensor, torch.Tensor]:
+        text = self.vlm.get_input_embeddings()(input_ids)
+        img = self.image_tokens(images).to(text.dtype)
+        embeds = torch.cat([text, img, state_token[:, None].to(text.dtype)], dim=1)
+        mask = torch.cat([text_mask, torch.ones(embeds.shape[0], embeds.shape[1] - text_mask.shape[1],
+                                                dtype=torch.bool, device=embeds.device)], dim=1)
+        out = self.vlm.text_model(inputs_embeds=embeds, attention_mask=mask.long(), use_cache=False)
+        return out.last_hidden_state, mask
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+@dataclass
+class PrefixCache:
+    """Per head layer: keys and values of the prefix for cross-attention, plus the prefix mask."""
+
+    kv: list[tuple[torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor  # (B, 1, 1, P) bool, True where attention is allowed
+
+    def repeat(self, n: int) -> PrefixCache:
+        return PrefixCache([(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv],
+                           self.mask.repeat_interleave(n, 0))
+
+
+class Block(nn.Module):
+    """Self-attention over the action tokens, cross-attention to the prefix, MLP; adaLN-zero on time."""
+
+    def __init__(self, d: int, heads: int, mlp: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.norm2 = nn.LayerNorm(d)
+        self.q_cross = nn.Linear(d, d)
+        self.kv_cross = nn.Linear(d, 2 * d)
+        self.proj_cross = nn.Linear(d, d)
+        self.norm3 = nn.LayerNorm(d, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp), nn.GELU(approximate="tanh"), nn.Linear(mlp, d))
+        self.ada = nn.Linear(d, 6 * d)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def _split(self, x):
+        b, n, d = x.shape
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def prefix_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.kv_cross(memory).chunk(2, dim=-1)
+        return self._split(k), self._split(v)
+
+    def forward(self, x, cond, kv, mask):
+        b, n, d = x.shape
+        shift1, scale1, gate1, shift3, scale3, gate3 = self.ada(cond)[:, None].chunk(6, dim=-1)
+        h = self.norm1(x) * (1 + scale1) + shift1
+        q, k, v = (self._split(t) for t in self.qkv(h).chunk(3, dim=-1))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + gate1 * self.proj(a)
+        q = self._split(self.q_cross(self.norm2(x)))
+        a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask).transpose(1, 2).reshape(b, n, d)
+        x = x + self.proj_cross(a)
+        h = self.norm3(x) * (1 + scale3) + shift3
+        return x + gate3 * self.mlp(h)
+
+
+class ActionTransformer(nn.Module):
+    """Maps (noisy) action tokens + a time to an output per token, attending to the prefix."""
+
+    def __init__(self, cfg: HeadConfig, action_dim: int, horizon: int, prefix_dim: int):
+        super().__init__()
+        d = cfg.hidden
+        self.d = d
+        self.in_proj = nn.Linear(action_dim, d)
+        self.pos = nn.Parameter(torch.randn(horizon, d) * 0.02)
+        self.time = nn.Sequential(nn.Linear(d, d), nn.SiLU(), nn.Linear(d, d))
+        self.memory_proj = nn.Sequential(nn.LayerNorm(prefix_dim), nn.Linear(prefix_dim, d))
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp) for _ in range(cfg.layers))
+        self.out_norm = nn.LayerNorm(d)
+        self.out = nn.Linear(d, action_dim)
+
+    def prefix_cache(self, memory: torch.Tensor, mask: torch.Tensor) -> PrefixCache:
+        m = self.memory_proj(memory)
+        return PrefixCache([blk.prefix_kv(m) for blk in self.blocks], mask[:, None, None, :])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
+        cond = self.time(timestep_embedding(t, self.d))
+        h = self.in_proj(x) + self.pos
+        for blk, kv in zip(self.blocks, cache.kv):
+            h = blk(h, cond, kv, cache.mask)
+        return self.out(self.out_norm(h))
+
+
+def add_lora(backbone: Backbone, rank: int) -> None:
+    """LoRA adapters (peft) on the language model's attention projections; base weights frozen."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    inject_adapter_in_model(lora, backbone.vlm.text_model)
+    for name, p in backbone.vlm.named_parameters():
+        p.requires_grad_("lora_" in name)
+
+
+class VLA(nn.Module):
+    def __init__(self, cfg: VLAConfig, backbone: Backbone):
+        super().__init__()
+        self.cfg = cfg
+        self.backbone = backbone
+        self.state_proj = nn.Linear(cfg.state_dim, backbone.hidden)
+        self.head = ActionTransformer(cfg.head, cfg.action_dim, cfg.horizon, backbone.hidden)
+        h = cfg.head
+        if h.type == "diffusion":
+            common = dict(num_train_timesteps=h.train_timesteps, beta_schedule=h.beta_schedule,
+                          clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon")
+            self.train_scheduler = DDPMScheduler(**common)
+            self.infer_scheduler = DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0)
+            self.infer_scheduler.set_timesteps(h.inference_steps)
+
+    @classmethod
+    def build(cls, cfg: VLAConfig, tokenizer=None) -> VLA:
+        if cfg.backbone.pretrained:
+            backbone = Backbone.pretrained(cfg.backbone)
+        else:
+            if tokenizer is None:
+                raise ValueError("a nano backbone needs the tokenizer built from the dataset's instructions")
+            backbone = Backbone.nano(cfg.backbone, tokenizer)
+        model = cls(cfg, backbone)
+        if cfg.backbone.freeze:
+            backbone.requires_grad_(False)
+        if cfg.backbone.lora_rank > 0:
+            add_lora(backbone, cfg.backbone.lora_rank)
+        return model
+
+    # --- the prefix: once per control step ---
+    def encode(self, images: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor,
+               state: torch.Tensor) -> PrefixCache:
+        """images (B, n_cam, 3, H, W) in [0, 1]; state normalized (B, state_dim)."""
+        x = (images - IMAGE_MEAN) / IMAGE_STD
+        memory, mask = self.backbone(input_ids, text_mask, x, self.state_proj(state))
+        return self.head.prefix_cache(memory.float(), mask)
+
+    # --- training ---
+    def forward(self, **batch) -> torch.Tensor:
+        """The training loss (so DDP's gradient hooks see the call)."""
+        return self.loss(**batch)
+
+    def loss(self, images, input_ids, text_mask, state, actions, action_is_pad) -> torch.Tensor:
+        cache = self.encode(images, input_ids, text_mask, state)
+        h = self.cfg.head
+        valid = (~action_is_pad).float()[..., None]
+        if h.type == "l1":
+            pred = self.head(torch.zeros_like(actions), torch.zeros(len(actions), device=actions.device), cache)
+            return ((pred - actions).abs() * valid).sum() / (valid.sum() * actions.shape[-1]).clamp(min=1)
+        k = h.noise_samples
+        cache = cache.repeat(k)
+        x0 = actions.repeat_interleave(k, 0)
+        valid = valid.repeat_interleave(k, 0)
+        noise = torch.randn_like(x0)
+        b = x0.shape[0]
+        if h.type == "diffusion":
+            t = torch.randint(0, h.train_timesteps, (b,), device=x0.device)
+            xt = self.train_scheduler.add_noise(x0, noise, t)
+            target = noise
+        else:  # flow matching, pi0's convention: t=1 is noise, t=0 data; t ~ Beta(1.5, 1)
+            t = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(x0.device) * 0.999 + 0.001
+            xt = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
+            target = noise - x0
+            t = t * 1000.0  # same embedding scale as diffusion timesteps
+        pred = self.head(xt, t, cache)
+        return (((pred - target) ** 2) * valid).sum() / (valid.sum() * x0.shape[-1]).clamp(min=1)
+
+    # --- inference ---
+    @torch.no_grad()
+    def sample(self, cache: PrefixCache, noise: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """A normalized action chunk (B, horizon, action_dim) from the prefix cache."""
+        b = cache.mask.shape[0]
+        shape = (b, self.cfg.horizon, self.cfg.action_dim)
+        device = cache.mask.device
+        h = self.cfg.head
+        if h.type == "l1":
+            return self.head(torch.zeros(shape, device=device), torch.zeros(b, device=device), cache)
+        x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
+        if h.type == "diffusion":
+            for t in self.infer_scheduler.timesteps:
+                eps = self.head(x, t.expand(b).to(device), cache)
+                x = self.infer_scheduler.step(eps, t, x).prev_sample
+            return x
+        dt = 1.0 / h.inference_steps
+        for i in range(h.inference_steps):
+            t = torch.full((b,), 1.0 - i * dt, device=device)
+            x = x - dt * self.head(x, t * 1000.0, cache)
+        return x
