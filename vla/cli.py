@@ -19,8 +19,29 @@ def _tasks(value: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def shipped_policy() -> Path:
+    """The policy trained here and committed with the package (see BENCHMARKS.md for how)."""
+    from importlib.resources import files
+
+    return Path(str(files("vla.policies") / "shipped" / "nano_diffusion"))
+
+
 def cmd_demo(args) -> int:
-    """Scripted experts drive the arm through each task; one mp4 of the front camera per task."""
+    """The main job: the shipped policy drives the simulated arm through every task (or, with
+    --expert, the scripted experts do); success table and mp4 videos in --out."""
+    if args.expert:
+        return _demo_experts(args)
+    from vla.sim.evaluate import evaluate, format_table
+
+    policy = Path(args.policy) if args.policy else shipped_policy()
+    print(f"policy: {policy}")
+    summary = evaluate(policy, args.tasks, args.episodes, workers=args.workers, out=args.out, videos=1)
+    print(format_table(summary))
+    print(f"videos: {Path(args.out) / 'videos'}  results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _demo_experts(args) -> int:
     from vla.sim import make_env
     from vla.sim.experts import ScriptedExpert
     from vla.video import write_video
@@ -30,7 +51,7 @@ def cmd_demo(args) -> int:
     wins = 0
     print(f"{'task':16s} {'instruction':42s} {'success':>7s} {'steps':>5s}  video")
     for task in args.tasks:
-        env = make_env(task, cameras=(), render_mode="rgb_array", render_size=args.video_size)
+        env = make_env(task, cameras=(), render_mode="rgb_array", render_size=256)
         env.reset(seed=args.seed)
         expert = ScriptedExpert(env)
         expert.reset()
@@ -84,6 +105,29 @@ def cmd_bench_sim(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from vla.train import main as train_main
+
+    return train_main([args.recipe, *args.overrides] + (["--resume"] if args.resume else []))
+
+
+def cmd_eval(args) -> int:
+    from vla.policies import SpecMismatchError
+    from vla.sim.evaluate import evaluate, format_table
+
+    try:
+        summary = evaluate(args.policy, args.tasks, args.episodes, workers=args.workers, out=args.out,
+                           videos=args.videos, ensemble=args.ensemble)
+    except SpecMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    if args.out:
+        print(f"results: {Path(args.out) / 'results.json'}, plot: {Path(args.out) / 'success.png'}, "
+              f"videos: {Path(args.out) / 'videos'}")
+    return 0
+
+
 def _format_bench(r: dict) -> str:
     lines = [f"physics step (0.1 s of sim, {r['substeps']} substeps): {r['step_ms']:.3f} ms median"]
     for size, ms in r["render_ms"].items():
@@ -100,11 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="vla", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="scripted experts on the sim tasks, with videos")
+    d = sub.add_parser("demo", help="the shipped policy (or --expert) on every sim task, with videos")
+    d.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
+    d.add_argument("--expert", action="store_true", help="run the scripted experts instead")
     d.add_argument("--tasks", type=_tasks, default="all")
+    d.add_argument("--episodes", type=int, default=3, help="episodes per task")
+    d.add_argument("--workers", type=int, default=2)
     d.add_argument("--out", default="outputs/demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--video-size", type=int, default=256)
+    d.add_argument("--seed", type=int, default=0, help="--expert: episode seed")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("collect", help="expert demonstrations -> LeRobotDataset v3")
@@ -131,6 +178,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_sim)
+
+    t = sub.add_parser("train", help="train a policy from a YAML recipe (torchrun for many processes)")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=100 model.head.type=flow")
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    v = sub.add_parser("eval", help="policy success in the sim tasks, with 95% intervals")
+    v.add_argument("--policy", required=True, help="artifact directory")
+    v.add_argument("--tasks", type=_tasks, default="all")
+    v.add_argument("--episodes", type=int, default=50, help="episodes per task")
+    v.add_argument("--workers", type=int, default=2)
+    v.add_argument("--out", default=None, help="results.json, success.png and videos go here")
+    v.add_argument("--videos", type=int, default=2, help="episodes per task recorded as mp4")
+    v.add_argument("--ensemble", choices=["queue", "temporal", "adaptive"], default="queue")
+    v.set_defaults(func=cmd_eval)
 
     args = p.parse_args(argv)
     if isinstance(getattr(args, "tasks", None), str):

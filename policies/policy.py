@@ -1,0 +1,136 @@
+"""The one Policy interface: reset() / act(obs) -> action / act_chunk(obs) -> chunk / spec.
+
+Observations and actions are in raw units (the env's and the robot's); the policy normalizes and
+un-normalizes itself with the stats stored in the artifact. Action selection:
+  - "queue" (default): run the model, execute the first n_action_steps of the chunk, re-plan.
+  - "temporal": ACT's temporal ensembling: re-plan every step, average every chunk's prediction
+    for the current step with weights exp(-k * i), i = 0 for the oldest prediction.
+  - "adaptive": CogACT's adaptive ensemble: re-plan every step, weight past predictions for the
+    current step by exp(alpha * cosine similarity to the newest one).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from vla.artifact import Normalizer, load_artifact
+
+
+class SpecMismatchError(ValueError):
+    """The artifact and the environment / robot disagree on what goes in or comes out."""
+
+
+class ObservationError(ValueError):
+    """An observation that does not fit the policy's spec (missing key, wrong size, NaN)."""
+
+
+def spec_mismatch(spec: dict, cameras, image_size: int, action_dim: int, state_dim: int | None = None) -> str | None:
+    problems = []
+    if list(spec["cameras"]) != list(cameras):
+        problems.append(f"cameras {list(spec['cameras'])} vs {list(cameras)}")
+    if spec["image_size"] != image_size:
+        problems.append(f"image size {spec['image_size']} vs {image_size}")
+    if spec["action_dim"] != action_dim:
+        problems.append(f"action dim {spec['action_dim']} vs {action_dim}")
+    if state_dim is not None and spec["state_dim"] != state_dim:
+        problems.append(f"state dim {spec['state_dim']} vs {state_dim}")
+    return "; ".join(problems) or None
+
+
+class Policy:
+    def __init__(self, model, spec: dict, normalizer: Normalizer, device: str | torch.device = "cpu",
+                 ensemble: str = "queue", n_action_steps: int | None = None, temporal_k: float = 0.01,
+                 adaptive_alpha: float = 0.1, seed: int = 0):
+        if ensemble not in ("queue", "temporal", "adaptive"):
+            raise ValueError(f"ensemble must be queue, temporal or adaptive, got {ensemble!r}")
+        self.model = model.to(device).eval()
+        self._spec = dict(spec)
+        self.norm = normalizer
+        self.device = torch.device(device)
+        self.ensemble = ensemble
+        self.n_action_steps = n_action_steps or spec["n_action_steps"]
+        self.temporal_k, self.adaptive_alpha = temporal_k, adaptive_alpha
+        self.horizon = spec["horizon"]
+        self.cameras = list(spec["cameras"])
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.reset(seed)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", **kwargs) -> Policy:
+        model, spec, norm = load_artifact(path, device)
+        return cls(model, spec, norm, device=device, **kwargs)
+
+    @property
+    def spec(self) -> dict:
+        """What the policy consumes and produces: cameras, image_size, state/action dims and names, fps."""
+        return dict(self._spec)
+
+    def check_compatible(self, cameras, image_size: int, action_dim: int, state_dim: int | None = None) -> None:
+        problem = spec_mismatch(self._spec, cameras, image_size, action_dim, state_dim)
+        if problem:
+            raise SpecMismatchError(f"policy spec does not match the environment: {problem}")
+
+    def reset(self, seed: int | None = None) -> None:
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(0 if seed is None else int(seed))
+        self.queue: deque = deque()
+        self.history: deque = deque(maxlen=self.horizon)  # chunks for temporal / adaptive ensembling
+
+    # --- model calls ---
+    def _check(self, obs: dict) -> None:
+        s = self._spec["image_size"]
+        for cam in self.cameras:
+            key = f"observation.images.{cam}"
+            if key not in obs:
+                raise ObservationError(f"observation lacks {key!r} (the policy expects cameras {self.cameras})")
+            img = np.asarray(obs[key])
+            if img.shape != (s, s, 3) or img.dtype != np.uint8:
+                raise ObservationError(f"{key} must be uint8 {s}x{s}x3, got {img.dtype} {img.shape}")
+        state = np.asarray(obs.get("observation.state", ()), dtype=np.float32)
+        if state.shape != (self._spec["state_dim"],):
+            raise ObservationError(f"observation.state must have shape ({self._spec['state_dim']},), got {state.shape}")
+        if not np.all(np.isfinite(state)):
+            raise ObservationError(f"observation.state has a non-finite value: {state.tolist()}")
+        if not isinstance(obs.get("task"), str):
+            raise ObservationError("observation lacks the instruction string 'task'")
+
+    def _text(self, task: str):
+        if task not in self._text_cache:
+            self._text_cache[task] = self.model.backbone.tokenize([task], self.device)
+        return self._text_cache[task]
+
+    @torch.no_grad()
+    def act_chunk(self, obs: dict) -> np.ndarray:
+        """A chunk (horizon x action_dim) of raw actions for this observation."""
+        self._check(obs)
+        images = torch.stack([torch.from_numpy(np.ascontiguousarray(obs[f"observation.images.{c}"]))
+                              for c in self.cameras])[None].to(self.device)
+        images = images.permute(0, 1, 4, 2, 3).float() / 255.0
+        state = self.norm.state(torch.as_tensor(np.asarray(obs["observation.state"], dtype=np.float32),
+                                                device=self.device)[None])
+        ids, mask = self._text(obs["task"])
+        cache = self.model.encode(images, ids, mask, state)
+        noise = torch.randn((1, self.horizon, self._spec["action_dim"]), generator=self.generator).to(self.device)
+        chunk = self.model.sample(cache, noise=noise)
+        return self.norm.unaction(chunk)[0].float().cpu().numpy()
+
+    def act(self, obs: dict) -> np.ndarray:
+        if self.ensemble == "queue":
+            if not self.queue:
+                self.queue.extend(self.act_chunk(obs)[: self.n_action_steps])
+            return self.queue.popleft()
+        self.history.append(self.act_chunk(obs))
+        # the prediction for "now" of the chunk made i steps ago is its row i
+        n = len(self.history)
+        preds = np.stack([c[n - 1 - j] for j, c in enumerate(self.history)])  # oldest first
+        if self.ensemble == "temporal":
+            w = np.exp(-self.temporal_k * np.arange(n))
+        else:
+            newest = preds[-1]
+            cos = preds @ newest / (np.linalg.norm(preds, axis=1) * np.linalg.norm(newest) + 1e-8)
+            w = np.exp(self.adaptive_alpha * cos)
+        return (w[:, None] * preds).sum(0) / w.sum()

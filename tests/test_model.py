@@ -1,0 +1,286 @@
+"""The VLA model, training, artifact and policy, on tiny configs and a tiny collected dataset."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vla.artifact import ArtifactError, load_artifact
+from vla.config import TrainConfig, VLAConfig, load_recipe
+from vla.model import VLA
+from vla.policies import ObservationError, Policy, SpecMismatchError
+from vla.sim.collect import collect
+from vla.sim.evaluate import evaluate, wilson_interval
+from vla.tokenizer import build_tokenizer
+from vla.train import Trainer, train
+
+SIZE = 32
+TINY = {
+    "cameras": ["front", "wrist"], "image_size": SIZE, "horizon": 4, "n_action_steps": 2,
+    "backbone": {"image_size": 32, "patch_size": 8, "scale_factor": 2, "vision_hidden": 32, "vision_layers": 1,
+                 "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 2, "text_heads": 2,
+                 "text_kv_heads": 1, "text_mlp": 128, "max_text_tokens": 8},
+    "head": {"type": "diffusion", "hidden": 64, "layers": 1, "heads": 2, "mlp": 128, "train_timesteps": 50,
+             "inference_steps": 5, "noise_samples": 2},
+}
+
+
+def tiny_cfg(**head) -> VLAConfig:
+    d = json.loads(json.dumps(TINY))
+    d["head"].update(head)
+    return VLAConfig.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny") / "ds"
+    collect(root, ["press_button"], episodes=2, workers=1, image_size=SIZE, seed=0, progress=False)
+    return root
+
+
+def train_cfg(dataset, out, **kw) -> TrainConfig:
+    base = dict(dataset=str(dataset), output_dir=str(out), steps=4, batch_size=8, lr=1e-3, warmup_steps=1,
+                save_every=1000, log_every=1, keep_last=2, augment=False, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("head", ["diffusion", "flow", "l1"])
+def test_shapes_and_masks(head):
+    cfg = tiny_cfg(type=head)
+    tok = build_tokenizer(["press the red button"])
+    model = VLA.build(cfg, tok)
+    ids, mask = model.backbone.tokenize(["press the red button", "press the blue button now please"])
+    assert ids.shape == (2, 8) and mask[0].tolist() == [True] * 4 + [False] * 4
+    images = torch.rand(2, 2, 3, SIZE, SIZE)
+    cache = model.encode(images, ids, mask, torch.zeros(2, 7))
+    tokens_per_image = (32 // 8) ** 2 // 4
+    prefix = 8 + 2 * tokens_per_image + 1
+    assert cache.mask.shape == (2, 1, 1, prefix) and len(cache.kv) == 1
+    assert cache.mask[0, 0, 0, :8].tolist() == [True] * 4 + [False] * 4 and cache.mask[0, 0, 0, 8:].all()
+    assert cache.kv[0][0].shape == (2, 2, prefix, 32)  # (B, heads, P, head_dim)
+    chunk = model.sample(cache)
+    assert chunk.shape == (2, 4, 7) and torch.isfinite(chunk).all()
+    pad = torch.tensor([[False, False, True, True]] * 2)
+    loss = model.loss(images, ids, mask, torch.zeros(2, 7), torch.zeros(2, 4, 7), pad)
+    assert loss.ndim == 0 and loss.item() > 0
+
+
+def test_padded_steps_do_not_count_in_the_loss():
+    torch.manual_seed(0)
+    model = VLA.build(tiny_cfg(type="l1"), build_tokenizer(["x"]))
+    ids, mask = model.backbone.tokenize(["x"])
+    images, state = torch.rand(1, 2, 3, SIZE, SIZE), torch.zeros(1, 7)
+    actions = torch.zeros(1, 4, 7)
+    pad = torch.tensor([[False, False, True, True]])
+    base = model.loss(images, ids, mask, state, actions, pad)
+    actions[0, 2:] = 100.0  # garbage in the padded steps only
+    assert torch.allclose(model.loss(images, ids, mask, state, actions, pad), base)
+
+
+def test_tiny_model_overfits_a_tiny_dataset(tiny_dataset, tmp_path):
+    trainer = Trainer(tiny_cfg(type="l1"), train_cfg(tiny_dataset, tmp_path / "run", steps=150, lr=2e-3,
+                                                     warmup_steps=10), progress=False)
+    idx = np.arange(8)
+    first = None
+    for _ in range(150):
+        loss = trainer.train_step(trainer.make_batch(idx))
+        first = first if first is not None else loss
+    assert loss < 0.15 * first, (first, loss)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    final = train(tiny_cfg(), train_cfg(tiny_dataset, out, steps=6, save_every=3), progress=False)
+    return out, final
+
+
+def test_artifact_layout_and_save_load_same_actions(trained, tiny_dataset):
+    out, final = trained
+    for name in ("config.json", "backbone_config.json", "model.safetensors", "stats.json", "spec.json",
+                 "recipe.yaml", "tokenizer/tokenizer.json"):
+        assert (final / name).is_file(), name
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-000003", "step-000006"]
+    spec = json.loads((final / "spec.json").read_text())
+    assert spec["cameras"] == ["front", "wrist"] and spec["image_size"] == SIZE and spec["fps"] == 10
+    obs = _obs()
+    a = Policy.from_pretrained(final)
+    b = Policy.from_pretrained(final)
+    a.reset(seed=3)
+    b.reset(seed=3)
+    ca, cb = a.act_chunk(obs), b.act_chunk(obs)
+    assert ca.shape == (4, 7) and np.array_equal(ca, cb)
+    b.reset(seed=4)
+    assert not np.array_equal(ca, b.act_chunk(obs))
+    # the stored weights are the EMA ones
+    weights = load_file(final / "model.safetensors")
+    state = load_file(out / "checkpoints/step-000006/training_state.safetensors")
+    key = "head.out.weight"
+    assert torch.equal(weights[key], state[f"ema.{key}"]) and not torch.equal(weights[key], state[f"model.{key}"])
+
+
+def _obs(size=SIZE, **over):
+    rng = np.random.default_rng(0)
+    obs = {"observation.images.front": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+           "observation.images.wrist": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
+           "observation.state": np.zeros(7, np.float32), "task": "press the red button"}
+    obs.update(over)
+    return obs
+
+
+def test_policy_queue_and_ensembles(trained):
+    final = trained[1]
+    policy = Policy.from_pretrained(final)
+    policy.reset(seed=1)
+    chunk = policy.act_chunk(_obs())
+    policy.reset(seed=1)
+    actions = [policy.act(_obs()) for _ in range(2)]
+    assert np.allclose(actions, chunk[:2])  # n_action_steps = 2 from the queue
+    assert not policy.queue
+    policy.act(_obs())
+    assert len(policy.queue) == 1  # re-planned after two steps
+    for mode in ("temporal", "adaptive"):
+        p = Policy.from_pretrained(final, ensemble=mode)
+        acts = [p.act(_obs()) for _ in range(3)]
+        assert len(p.history) == 3 and all(a.shape == (7,) and np.isfinite(a).all() for a in acts)
+
+
+def test_bad_observations_and_spec_mismatch(trained):
+    policy = Policy.from_pretrained(trained[1])
+    with pytest.raises(ObservationError, match="observation.images.front must be uint8 32x32x3"):
+        policy.act(_obs(**{"observation.images.front": np.zeros((48, 48, 3), np.uint8)}))
+    with pytest.raises(ObservationError, match="non-finite"):
+        policy.act(_obs(**{"observation.state": np.full(7, np.nan, np.float32)}))
+    with pytest.raises(ObservationError, match="lacks 'observation.images.wrist'"):
+        obs = _obs()
+        del obs["observation.images.wrist"]
+        policy.act(obs)
+    with pytest.raises(SpecMismatchError, match="image size 32 vs 48"):
+        policy.check_compatible(["front", "wrist"], 48, 7)
+    with pytest.raises(SpecMismatchError, match="cameras"):
+        policy.check_compatible(["front"], 32, 7)
+    with pytest.raises(SpecMismatchError, match="action dim 7 vs 8"):
+        policy.check_compatible(["front", "wrist"], 32, 8)
+
+
+def test_eval_rejects_a_mismatched_env_and_reports_intervals(trained, tmp_path, monkeypatch):
+    policy = Policy.from_pretrained(trained[1])
+    summary = evaluate(policy, ["press_button"], episodes=1, workers=1, out=tmp_path / "ev", videos=1,
+                       progress=False)
+    assert set(summary["tasks"]) == {"press_button"} and summary["tasks"]["press_button"]["episodes"] == 1
+    assert (tmp_path / "ev/results.json").is_file() and (tmp_path / "ev/success.png").is_file()
+    assert len(list((tmp_path / "ev/videos").glob("*.mp4"))) == 1
+    policy._spec["image_size"] = 48  # an artifact made for another camera size
+    with pytest.raises(SpecMismatchError, match="image size 48 vs"):
+        evaluate(policy, ["press_button"], episodes=1, workers=1, progress=False)
+
+
+def test_wilson_interval():
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-3)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-3)
+    lo, hi = wilson_interval(40, 50)
+    assert lo < 0.8 < hi and hi - lo < 0.25
+
+
+def test_resume_continues_exactly(tiny_dataset, tmp_path):
+    cfg = tiny_cfg()
+    straight = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "a", steps=6, save_every=3, augment=True),
+                       progress=False)
+    straight.run()
+    first = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=3, save_every=3, augment=True),
+                    progress=False)
+    first.run()
+    resumed = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=6, save_every=3, augment=True),
+                      progress=False)
+    assert resumed.resume() and resumed.step == 3
+    resumed.run()
+    for k, v in straight.model.state_dict().items():
+        assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
+    for k, v in straight.ema.items():
+        assert torch.allclose(v, resumed.ema[k], atol=1e-6), k
+    with pytest.raises(RuntimeError, match="--resume"):
+        train(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=6), progress=False)
+
+
+def test_from_pretrained_loads_a_local_idefics3_checkpoint(tmp_path):
+    from transformers import Idefics3ForConditionalGeneration
+
+    from vla.model import nano_idefics3_config
+
+    tok = build_tokenizer(["press the red button"])
+    b = tiny_cfg().backbone
+    hf = Idefics3ForConditionalGeneration(nano_idefics3_config(b, len(tok), tok.pad_token_id,
+                                                               tok.convert_tokens_to_ids("<image>")))
+    hf.save_pretrained(tmp_path / "smolvlm-tiny")
+    tok.save_pretrained(tmp_path / "smolvlm-tiny")
+    d = json.loads(json.dumps(TINY))
+    d["backbone"] = {"pretrained": str(tmp_path / "smolvlm-tiny"), "max_text_tokens": 8, "lora_rank": 4}
+    model = VLA.build(VLAConfig.from_dict(d))
+    saved = hf.model.vision_model.embeddings.patch_embedding.weight
+    assert torch.equal(model.backbone.vlm.vision_model.embeddings.patch_embedding.weight, saved)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable) and any(n.startswith("head.") for n in trainable)
+    assert not any(n.startswith("backbone.") and "lora_" not in n for n in trainable)
+    ids, mask = model.backbone.tokenize(["press the red button"])
+    cache = model.encode(torch.rand(1, 2, 3, SIZE, SIZE), ids, mask, torch.zeros(1, 7))
+    assert model.sample(cache).shape == (1, 4, 7)
+    d["backbone"]["freeze"] = True
+    d["backbone"]["lora_rank"] = 0
+    frozen = VLA.build(VLAConfig.from_dict(d))
+    assert not any(p.requires_grad for p in frozen.backbone.parameters())
+
+
+def test_artifact_errors_name_the_problem(trained, tmp_path):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(trained[1], bad)
+    (bad / "stats.json").unlink()
+    with pytest.raises(ArtifactError, match="stats.json is missing"):
+        load_artifact(bad)
+    shutil.copytree(trained[1], tmp_path / "bad2")
+    cfg = json.loads((tmp_path / "bad2/config.json").read_text())
+    cfg["head"]["hidden"] = 96
+    (tmp_path / "bad2/config.json").write_text(json.dumps(cfg))
+    with pytest.raises((ArtifactError, RuntimeError)):
+        load_artifact(tmp_path / "bad2")
+
+
+def test_recipe_overrides_and_unknown_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"model": TINY, "train": {"steps": 10}}))
+    model_cfg, cfg = load_recipe(path, ["train.steps=20", "model.head.type=flow"])
+    assert cfg.steps == 20 and model_cfg.head.type == "flow"
+    with pytest.raises(ValueError, match="unknown head config keys"):
+        load_recipe(path, ["model.head.depth=3"])
+
+
+def test_ddp_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
+    """The same global batch through 2 DDP processes (gloo) and through 1 gives the same losses."""
+    recipe = json.loads(json.dumps(TINY))
+    recipe.update(horizon=1, n_action_steps=1)  # no padded steps: per-rank means average exactly
+    recipe["head"]["type"] = "l1"
+    path = tmp_path / "ddp.yaml"
+    path.write_text(yaml.safe_dump({"model": recipe, "train": {
+        "dataset": str(tiny_dataset), "steps": 3, "batch_size": 8, "lr": 1e-3, "warmup_steps": 1,
+        "log_every": 1, "save_every": 100, "augment": False, "threads": 1}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+               str(29500 + n + os.getpid() % 1000), "-m", "vla.train", str(path), f"train.output_dir={out}"]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        rows = (out / "metrics.csv").read_text().splitlines()[1:]
+        runs[n] = [float(row.split(",")[1]) for row in rows]
+    assert len(runs[1]) == 3
+    assert np.allclose(runs[1], runs[2], rtol=1e-4, atol=1e-5), runs
