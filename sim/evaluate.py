@@ -65,7 +65,14 @@ def _worker(job):
 
 
 def _rollouts(policy, task, seeds, record_seeds, make_env):
+    from vla.policies import SpecMismatchError
+    from vla.sim.env import CAMERAS
+
     spec = policy.spec
+    missing = [c for c in spec["cameras"] if c not in CAMERAS]
+    if missing:
+        raise SpecMismatchError(f"policy spec does not match the environment: cameras {missing} "
+                                f"are not in the sim (it has {list(CAMERAS)})")
     env = make_env(task, image_size=spec["image_size"], cameras=tuple(spec["cameras"]))
     policy.check_compatible(env.cameras, env.image_size, env.action_space.shape[0],
                             env.observation_space["observation.state"].shape[0])

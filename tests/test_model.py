@@ -178,8 +178,11 @@ def test_eval_rejects_a_mismatched_env_and_reports_intervals(trained, tmp_path, 
     assert set(summary["tasks"]) == {"press_button"} and summary["tasks"]["press_button"]["episodes"] == 1
     assert (tmp_path / "ev/results.json").is_file() and (tmp_path / "ev/success.png").is_file()
     assert len(list((tmp_path / "ev/videos").glob("*.mp4"))) == 1
-    policy._spec["image_size"] = 48  # an artifact made for another camera size
-    with pytest.raises(SpecMismatchError, match="image size 48 vs"):
+    policy._spec["action_dim"] = 8  # an artifact made for another robot
+    with pytest.raises(SpecMismatchError, match="action dim 8 vs 7"):
+        evaluate(policy, ["press_button"], episodes=1, workers=1, progress=False)
+    policy._spec.update(action_dim=7, cameras=["front", "top"])
+    with pytest.raises(SpecMismatchError, match=r"cameras \['top'\] are not in the sim"):
         evaluate(policy, ["press_button"], episodes=1, workers=1, progress=False)
 
 
@@ -190,22 +193,36 @@ def test_wilson_interval():
     assert lo < 0.8 < hi and hi - lo < 0.25
 
 
-def test_resume_continues_exactly(tiny_dataset, tmp_path):
+def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
     cfg = tiny_cfg()
     straight = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "a", steps=6, save_every=3, augment=True),
                        progress=False)
     straight.run()
-    first = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=3, save_every=3, augment=True),
-                    progress=False)
-    first.run()
+
+    # Fault injected on purpose: the run dies in its 5th step, after the step-3 checkpoint.
+    killed = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=6, save_every=3, augment=True),
+                     progress=False)
+    real_step = Trainer.train_step
+
+    def dying_step(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt("killed")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    monkeypatch.undo()
+
     resumed = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=6, save_every=3, augment=True),
                       progress=False)
-    assert resumed.resume() and resumed.step == 3
+    assert resumed.resume() and resumed.step == 3  # lost at most one checkpoint interval
     resumed.run()
     for k, v in straight.model.state_dict().items():
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
     for k, v in straight.ema.items():
         assert torch.allclose(v, resumed.ema[k], atol=1e-6), k
+    assert resumed.opt.state_dict()["state"][0]["step"] == straight.opt.state_dict()["state"][0]["step"]
     with pytest.raises(RuntimeError, match="--resume"):
         train(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=6), progress=False)
 
