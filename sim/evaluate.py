@@ -31,19 +31,17 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
 
 def run_episode(policy, env, seed: int, record: bool = False, video_size: int = 256):
     """One rollout: (success, steps, inference ms list, frames)."""
-    import time as _t
-
     obs, info = env.reset(seed=seed)
     policy.reset(seed)
     frames = [env.render_camera("front", video_size)] if record else []
     infer_ms = []
     for _ in range(env.max_episode_steps):
-        t0 = _t.perf_counter()
+        t0 = time.perf_counter()
         queued = getattr(policy, "queue", None)
         will_infer = not queued
         action = policy.act(obs)
         if will_infer:
-            infer_ms.append((_t.perf_counter() - t0) * 1e3)
+            infer_ms.append((time.perf_counter() - t0) * 1e3)
         obs, _, terminated, truncated, info = env.step(action)
         if record:
             frames.append(env.render_camera("front", video_size))
