@@ -1,9 +1,14 @@
 """Expert demonstrations into a LeRobotDataset v3, rolled out by worker processes.
 
 Episode seeds are `seed + k` per task; only successful expert episodes are kept (a failed seed is
-replaced by the next one). Each episode row records `sim_task` and `sim_seed`, so a second run on
-the same directory collects only what is missing to reach `episodes` per task: an interrupted run
-resumes, a finished one is a no-op. Evaluation uses seeds from EVAL_SEED_START, never used here.
+replaced by the next one). Each episode row records `sim_task`, `sim_seed` and `sim_variant`, so a
+second run on the same directory collects only what is missing to reach `episodes` per task: an
+interrupted run resumes, a finished one is a no-op. Evaluation uses seeds from EVAL_SEED_START,
+never used here.
+
+With `variants_per_seed` k > 1 each seed's scene is collected under k different instructions (the
+layout is the same, the named target differs): contrastive pairs that make the instruction the
+only way to tell the trajectories apart.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tqdm import tqdm
 from vla.dataset import DatasetWriter, video_feature
 from vla.sim.env import CAMERAS, CONTROL_HZ
 from vla.sim.ik import ARM_JOINTS
-from vla.sim.tasks import resolve_task
+from vla.sim.tasks import TASKS, resolve_task
 
 EVAL_SEED_START = 1_000_000
 STATE_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]
@@ -37,23 +42,34 @@ def _rollout(job):
     from vla.sim import make_env
     from vla.sim.experts import run_expert_episode
 
-    task, seed, image_size, cameras = job
+    task, seed, variant, image_size, cameras = job
     key = (task, image_size, cameras)
     if key not in _ENVS:
         _ENVS[key] = make_env(task, image_size=image_size, cameras=cameras)
     env = _ENVS[key]
-    success, length, frames = run_expert_episode(env, seed, record=True)
+    options = None if variant < 0 else {"variant": variant}
+    success, length, frames = run_expert_episode(env, seed, record=True, options=options)
     if not success:
-        return task, seed, None
+        return task, seed, variant, None
     out = {f"observation.images.{c}": np.stack([o[f"observation.images.{c}"] for o, _ in frames])
            for c in cameras}
     out["observation.state"] = np.stack([o["observation.state"] for o, _ in frames])
     out["action"] = np.stack([a for _, a in frames])
-    return task, seed, (out, frames[0][0]["task"])
+    return task, seed, variant, (out, frames[0][0]["task"])
+
+
+def _seed_jobs(task: str, seed: int, k: int) -> list[tuple[int, int]]:
+    """(seed, variant) pairs for one seed: variant -1 lets the env draw it; k > 1 takes k distinct
+    variants in an order fixed by the seed."""
+    if k <= 1:
+        return [(seed, -1)]
+    n = len(TASKS[task]().variants())
+    return [(seed, int(v)) for v in np.random.default_rng(seed).permutation(n)[:k]]
 
 
 def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, image_size: int = 96,
-            cameras=CAMERAS, seed: int = 0, episodes_per_file: int = 100, progress: bool = True) -> dict:
+            cameras=CAMERAS, seed: int = 0, episodes_per_file: int = 100, progress: bool = True,
+            variants_per_seed: int = 1) -> dict:
     """Collect `episodes` successful expert episodes per task into `out`. Returns a summary."""
     tasks = [resolve_task(t) for t in tasks]
     cameras = tuple(cameras)
@@ -62,7 +78,8 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
     done = {t: set() for t in tasks}
     for e in writer.episodes:
         if e.get("sim_task") in done:
-            done[e["sim_task"]].add(e["sim_seed"])
+            variant = e.get("sim_variant")
+            done[e["sim_task"]].add((e["sim_seed"], -1 if variant is None else int(variant)))
     next_seed = {t: seed for t in tasks}
     failed = {t: 0 for t in tasks}
     todo = sum(max(0, episodes - len(done[t])) for t in tasks)
@@ -73,20 +90,22 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
         while True:
             jobs = []
             for t in tasks:
-                for _ in range(episodes - len(done[t])):
-                    while next_seed[t] in done[t]:
-                        next_seed[t] += 1
-                    jobs.append((t, next_seed[t], image_size, cameras))
+                need = episodes - len(done[t])
+                while need > 0:
+                    for s, v in _seed_jobs(t, next_seed[t], variants_per_seed):
+                        if (s, v) not in done[t] and need > 0:
+                            jobs.append((t, s, v, image_size, cameras))
+                            need -= 1
                     next_seed[t] += 1
             if not jobs:
                 break
-            for task, s, result in pool.imap(_rollout, jobs):
+            for task, s, v, result in pool.imap(_rollout, jobs):
                 if result is None:
                     failed[task] += 1
                     continue
                 arrays, instruction = result
-                writer.add_episode(arrays, instruction, extra={"sim_task": task, "sim_seed": s})
-                done[task].add(s)
+                writer.add_episode(arrays, instruction, extra={"sim_task": task, "sim_seed": s, "sim_variant": v})
+                done[task].add((s, v))
                 frames_written += len(arrays["action"])
                 bar.update(1)
                 bar.set_postfix(frames=frames_written)

@@ -189,10 +189,10 @@ class ScriptedExpert:
         return np.append(self.q_cmd, self.grip).astype(np.float32)
 
 
-def run_expert_episode(env: TabletopEnv, seed: int, record: bool = False):
+def run_expert_episode(env: TabletopEnv, seed: int, record: bool = False, options: dict | None = None):
     """One expert episode. Returns (success, length, frames) where frames (if record) is a list of
     (observation, action) pairs: the observation the action was chosen on."""
-    obs, _ = env.reset(seed=seed)
+    obs, _ = env.reset(seed=seed, options=options)
     expert = ScriptedExpert(env)
     expert.reset()
     frames = []

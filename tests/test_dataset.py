@@ -42,7 +42,8 @@ def test_round_trip_equals_the_rollout(dataset):
     ds = LeRobotDataset(dataset, horizon=8)
     assert len(ds.episodes) == 4
     for j, ep in enumerate(ds.meta.episodes):
-        task, seed, (arrays, instruction) = _rollout((ep["sim_task"], ep["sim_seed"], SIZE, ("front", "wrist")))
+        task, seed, variant, (arrays, instruction) = _rollout(
+            (ep["sim_task"], ep["sim_seed"], ep["sim_variant"], SIZE, ("front", "wrist")))
         sl = slice(ds.ep_start[j], ds.ep_end[j])
         assert ep["tasks"] == [instruction]
         assert np.array_equal(ds.state[sl], arrays["observation.state"])
@@ -124,7 +125,7 @@ def test_second_run_resumes_without_duplicates_or_rewrites(dataset, tmp_path):
 def test_interrupted_flush_leaves_a_readable_dataset(dataset, tmp_path, monkeypatch):
     """Fault injected on purpose: the meta commit of the second batch raises, as a crash would."""
     root = _copy(dataset, tmp_path)
-    arrays, instruction = _rollout(("pick_cube", 50, SIZE, ("front", "wrist")))[2]
+    arrays, instruction = _rollout(("pick_cube", 50, -1, SIZE, ("front", "wrist")))[3]
     writer = DatasetWriter(root, 10, dataset_features(SIZE))
     monkeypatch.setattr(DatasetWriter, "_commit_meta", lambda self: (_ for _ in ()).throw(OSError("disk died")))
     writer.add_episode(arrays, instruction)
@@ -211,3 +212,23 @@ def test_collect_cli_rejects_an_unknown_task_id(tmp_path):
                         "--episodes", "1", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "unknown task 'fold_laundry'" in r.stderr
     assert not out.exists()
+
+
+def test_variants_per_seed_gives_the_same_scene_under_different_instructions(tmp_path):
+    root = tmp_path / "contrastive"
+    collect(root, ["press_button"], episodes=3, workers=1, image_size=SIZE, seed=7, progress=False,
+            variants_per_seed=3)
+    ds = LeRobotDataset(root)
+    eps = ds.meta.episodes
+    assert [e["sim_seed"] for e in eps] == [7, 7, 7] and sorted(e["sim_variant"] for e in eps) == [0, 1, 2]
+    assert len({e["tasks"][0] for e in eps}) == 3
+    starts = [int(s) for s in ds.ep_start]
+    front = ds.images["observation.images.front"].astype(int)
+    for i in starts[1:]:  # same layout: equal start state, first frames equal up to the video codec
+        assert np.array_equal(ds.state[starts[0]], ds.state[i])
+        assert np.abs(front[starts[0]] - front[i]).mean() < 3.0
+    ends = [ds.action[int(e) - 1] for e in ds.ep_end]
+    assert np.abs(ends[0][:6] - ends[1][:6]).max() > 0.05  # different targets, different motions
+    collect(root, ["press_button"], episodes=3, workers=1, image_size=SIZE, seed=7, progress=False,
+            variants_per_seed=3)
+    assert len(LeRobotDataset(root).meta.episodes) == 3  # resume knows (seed, variant) pairs

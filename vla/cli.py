@@ -77,7 +77,8 @@ def cmd_collect(args) -> int:
 
     try:
         summary = collect(args.out, args.tasks, args.episodes, workers=args.workers,
-                          image_size=args.image_size, cameras=args.cameras.split(","), seed=args.seed)
+                          image_size=args.image_size, cameras=args.cameras.split(","), seed=args.seed,
+                          variants_per_seed=args.variants_per_seed)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -162,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--image-size", type=int, default=96)
     c.add_argument("--cameras", default="front,wrist")
     c.add_argument("--seed", type=int, default=0, help="first episode seed of each task")
+    c.add_argument("--variants-per-seed", type=int, default=1,
+                   help="collect each seed's scene under this many different instructions")
     c.set_defaults(func=cmd_collect)
 
     e = sub.add_parser("experts", help="scripted expert success table")
