@@ -73,6 +73,24 @@ def test_shapes_and_masks(head):
     assert loss.ndim == 0 and loss.item() > 0
 
 
+def test_vision_path_equals_transformers_and_film_conditions_on_the_instruction():
+    torch.manual_seed(0)
+    d = json.loads(json.dumps(TINY))
+    d["backbone"]["film"] = True
+    model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(["press the red button", "press the blue button"]))
+    bb = model.backbone
+    x = torch.rand(2, 2, 3, SIZE, SIZE) * 2 - 1
+    ids, mask = bb.tokenize(["press the red button", "press the blue button"])
+    instr = bb.instruction_embedding(ids, mask)
+    ref = bb.vlm.connector(bb.vlm.vision_model(pixel_values=x.flatten(0, 1)).last_hidden_state)
+    # zero-initialised FiLM is the identity: the direct path equals transformers' own forward
+    assert torch.allclose(bb.image_tokens(x, instr), ref.reshape(2, -1, ref.shape[-1]), atol=1e-5)
+    torch.nn.init.normal_(bb.film.weight, std=0.1)
+    same_images = x[:1].expand(2, -1, -1, -1, -1)
+    tokens = bb.image_tokens(same_images, instr)
+    assert (tokens[0] - tokens[1]).abs().max() > 1e-3  # same pixels, different instruction
+
+
 def test_padded_steps_do_not_count_in_the_loss():
     torch.manual_seed(0)
     model = VLA.build(tiny_cfg(type="l1"), build_tokenizer(["x"]))

@@ -29,6 +29,7 @@ class BackboneConfig:
     text_kv_heads: int = 2
     text_mlp: int = 384
     max_text_tokens: int = 12
+    film: bool = False  # condition every vision layer on the instruction (FiLM, as RT-1 does)
     freeze: bool = False  # freeze the pretrained backbone (the head and state projection still train)
     lora_rank: int = 0  # >0: LoRA adapters (peft) on the language model's attention projections
 

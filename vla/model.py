@@ -54,6 +54,14 @@ class Backbone(nn.Module):
         self.hidden = vlm.config.text_config.hidden_size
         self.vision_size = vlm.config.vision_config.image_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        vc = vlm.config.vision_config
+        self.film = None
+        if cfg.film:
+            # One (scale, shift) pair per vision layer from the pooled instruction embedding; zero-init
+            # so training starts from the unconditioned encoder (and a pretrained one is unchanged).
+            self.film = nn.Linear(self.hidden, 2 * vc.hidden_size * vc.num_hidden_layers)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
 
     @classmethod
     def nano(cls, cfg: BackboneConfig, tokenizer) -> Backbone:
@@ -77,22 +85,41 @@ class Backbone(nn.Module):
                              max_length=self.cfg.max_text_tokens, return_tensors="pt")
         return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
 
-    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, n_cam, 3, S, S) normalized -> (B, n_cam * tokens_per_image, hidden)."""
+    def instruction_embedding(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """Masked mean of the instruction's token embeddings: (B, hidden)."""
+        emb = self.vlm.get_input_embeddings()(input_ids)
+        m = text_mask[..., None].to(emb.dtype)
+        return (emb * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def image_tokens(self, images: torch.Tensor, instruction: torch.Tensor | None = None) -> torch.Tensor:
+        """images: (B, n_cam, 3, S, S) normalized -> (B, n_cam * tokens_per_image, hidden).
+
+        Runs SigLIP's layers directly (every patch is valid: square images of the encoder's size),
+        which equals `vision_model(...)` and lets FiLM modulate each layer's input."""
         b, n = images.shape[:2]
         x = images.flatten(0, 1)
         if x.shape[-1] != self.vision_size:
             x = F.interpolate(x, size=(self.vision_size, self.vision_size), mode="bilinear",
                               align_corners=False, antialias=True)
-        side = self.vision_size // self.vlm.config.vision_config.patch_size
-        patch_mask = torch.ones(x.shape[0], side, side, dtype=torch.bool, device=x.device)
-        hidden = self.vlm.vision_model(pixel_values=x, patch_attention_mask=patch_mask).last_hidden_state
-        feats = self.vlm.connector(hidden)
+        vm = self.vlm.vision_model
+        emb = vm.embeddings
+        h = emb.patch_embedding(x).flatten(2).transpose(1, 2)
+        h = h + emb.position_embedding.weight[: h.shape[1]]
+        film = None
+        if self.film is not None and instruction is not None:
+            film = self.film(instruction).repeat_interleave(n, 0).to(h.dtype)
+            film = film.view(film.shape[0], len(vm.encoder.layers), 2, 1, h.shape[-1])
+        for i, layer in enumerate(vm.encoder.layers):
+            if film is not None:
+                h = h * (1 + film[:, i, 0]) + film[:, i, 1]
+            h = layer(h, None)
+        feats = self.vlm.connector(vm.post_layernorm(h))
         return feats.reshape(b, n * feats.shape[1], feats.shape[2])
 
     def forward(self, input_ids, text_mask, images, state_token) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.vlm.get_input_embeddings()(input_ids)
-        img = self.image_tokens(images).to(text.dtype)
+        instruction = self.instruction_embedding(input_ids, text_mask) if self.film is not None else None
+        img = self.image_tokens(images, instruction).to(text.dtype)
         embeds = torch.cat([text, img, state_token[:, None].to(text.dtype)], dim=1)
         mask = torch.cat([text_mask, torch.ones(embeds.shape[0], embeds.shape[1] - text_mask.shape[1],
                                                 dtype=torch.bool, device=embeds.device)], dim=1)
