@@ -44,7 +44,7 @@ def spec_mismatch(spec: dict, cameras, image_size: int, action_dim: int, state_d
 class Policy:
     def __init__(self, model, spec: dict, normalizer: Normalizer, device: str | torch.device = "cpu",
                  ensemble: str = "queue", n_action_steps: int | None = None, temporal_k: float = 0.01,
-                 adaptive_alpha: float = 0.1, seed: int = 0):
+                 adaptive_alpha: float = 0.1, seed: int = 0, fast=None):
         if ensemble not in ("queue", "temporal", "adaptive"):
             raise ValueError(f"ensemble must be queue, temporal or adaptive, got {ensemble!r}")
         self.model = model.to(device).eval()
@@ -57,6 +57,11 @@ class Policy:
         self.horizon = spec["horizon"]
         self.cameras = list(spec["cameras"])
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.engine = None
+        if fast is not None:  # a vla.fast.FastConfig: the real-time step (caches, token reuse, kernels, compile)
+            from vla.fast import FastVLA
+
+            self.engine = FastVLA(self.model, fast, self.device)
         self.reset(seed)
 
     @classmethod
@@ -79,6 +84,8 @@ class Policy:
         self.generator.manual_seed(0 if seed is None else int(seed))
         self.queue: deque = deque()
         self.history: deque = deque(maxlen=self.horizon)  # chunks for temporal / adaptive ensembling
+        if self.engine is not None:
+            self.engine.reset()
 
     # --- model calls ---
     def _check(self, obs: dict) -> None:
@@ -112,10 +119,12 @@ class Policy:
         images = images.permute(0, 1, 4, 2, 3).float() / 255.0
         state = self.norm.state(torch.as_tensor(np.asarray(obs["observation.state"], dtype=np.float32),
                                                 device=self.device)[None])
-        ids, mask = self._text(obs["task"])
-        cache = self.model.encode(images, ids, mask, state)
         noise = torch.randn((1, self.horizon, self._spec["action_dim"]), generator=self.generator).to(self.device)
-        chunk = self.model.sample(cache, noise=noise)
+        if self.engine is not None:
+            chunk = self.engine.step(images[0], obs["task"], state[0], noise)
+        else:
+            ids, mask = self._text(obs["task"])
+            chunk = self.model.sample(self.model.encode(images, ids, mask, state), noise=noise)
         return self.norm.unaction(chunk)[0].float().cpu().numpy()
 
     def act(self, obs: dict) -> np.ndarray:

@@ -1,0 +1,103 @@
+"""Attention of a few query tokens over a cached prefix whose entries are partly updated in place.
+
+The token-reuse path recomputes only changed tokens: their new keys/values are written into the
+layer's cache (`update_cache`), then their queries attend over the whole cache (`cached_attention`).
+Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def update_cache(cache: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
+    """cache (B, H, P, d)[b, :, index[b, i]] = new[b, :, i], in place. index (B, n) long."""
+    cache.scatter_(2, index[:, None, :, None].expand(-1, cache.shape[1], -1, cache.shape[3]), new)
+
+
+def cached_attention_ref(q, k, v, mask, scale):
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    s = (q.float() @ k.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
+def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float, force: str | None = None) -> torch.Tensor:
+    """q (B, Hq, n, d) over k, v (B, Hkv, P, d); mask (B, 1, n, P) bool, True = may attend (every
+    query row must allow at least one key). Returns (B, Hq, n, d)."""
+    from vla.kernels import use_triton
+
+    if not use_triton(q, force):
+        return cached_attention_ref(q, k, v, mask, scale)
+    return _cached_attention_triton(q, k, v, mask, scale)
+
+
+def _cached_attention_triton(q, k, v, mask, scale):
+    import triton
+
+    b, hq, n, d = q.shape
+    hkv, p = k.shape[1], k.shape[2]
+    out = torch.empty_like(q)
+    if mask is None:
+        mask_t, ms = q.new_ones((1, 1, 1, 1), dtype=torch.int8), (0, 0, 0, 0)
+    else:
+        mask_t = mask.to(torch.int8).expand(b, 1, n, p)
+        ms = mask_t.stride()
+    _attn_kernel[(b * hq * n,)](
+        q, k, v, out, mask_t, float(scale), hq, hkv, n, p, d,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), ms[0], ms[2], ms[3],
+        BLOCK_P=triton.next_power_of_2(p), BLOCK_D=triton.next_power_of_2(d))
+    return out
+
+
+def _define_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, scale, HQ, HKV, N, P, D,
+               sqb, sqh, sqn, sqd, skb, skh, skp, skd, svb, svh, svp, svd, sob, soh, son, sod,
+               smb, smn, smp, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid = tl.program_id(0)
+        i = pid % N
+        h = (pid // N) % HQ
+        b = pid // (N * HQ)
+        hk = h // (HQ // HKV)
+        offs_p = tl.arange(0, BLOCK_P)
+        offs_d = tl.arange(0, BLOCK_D)
+        pm, dm = offs_p < P, offs_d < D
+        q = tl.load(q_ptr + b * sqb + h * sqh + i * sqn + offs_d * sqd, mask=dm, other=0.0).to(tl.float32)
+        kv_mask = pm[:, None] & dm[None, :]
+        k = tl.load(k_ptr + b * skb + hk * skh + offs_p[:, None] * skp + offs_d[None, :] * skd,
+                    mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(k * q[None, :], axis=1) * scale
+        allowed = tl.load(m_ptr + b * smb + i * smn + offs_p * smp, mask=pm, other=0) != 0
+        s = tl.where(allowed & pm, s, float("-inf"))
+        s = s - tl.max(s, axis=0)
+        w = tl.exp(s)
+        w = w / tl.sum(w, axis=0)
+        v = tl.load(v_ptr + b * svb + hk * svh + offs_p[:, None] * svp + offs_d[None, :] * svd,
+                    mask=kv_mask, other=0.0).to(tl.float32)
+        o = tl.sum(v * w[:, None], axis=0)
+        tl.store(o_ptr + b * sob + h * soh + i * son + offs_d * sod, o.to(o_ptr.dtype.element_ty), mask=dm)
+
+    return kernel
+
+
+class _Lazy:
+    """Defines the Triton kernel on first use, so importing this module never imports triton."""
+
+    def __init__(self, define):
+        self.define, self.kernel = define, None
+
+    def __getitem__(self, grid):
+        if self.kernel is None:
+            self.kernel = self.define()
+        return self.kernel[grid]
+
+
+_attn_kernel = _Lazy(_define_kernel)

@@ -1,0 +1,68 @@
+"""The head's output layer fused with the sampler's update.
+
+Per action token: eps = LayerNorm(h) @ W.T + b (the head's output), then
+  x0 = clamp((x - c[0] * eps) / c[1], -c[4], c[4]);  x_next = c[2] * x0 + c[3] * eps.
+DDIM (eta 0, epsilon prediction, clipped x0) is c = (sqrt(1 - a_t), sqrt(a_t), sqrt(a_prev),
+sqrt(1 - a_prev), clip); a flow Euler step x - dt * v is c = (0, 1, 1, -dt, inf).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vla.kernels.attention import _Lazy
+
+
+def denoise_update_ref(h, ln_w, ln_b, w, b, x, coef):
+    eps = F.linear(F.layer_norm(h.float(), (h.shape[-1],), ln_w, ln_b, 1e-5), w, b)
+    x0 = ((x - coef[0] * eps) / coef[1]).clamp(-coef[4], coef[4])
+    return coef[2] * x0 + coef[3] * eps
+
+
+def denoise_update(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
+                   x: torch.Tensor, coef: torch.Tensor, force: str | None = None) -> torch.Tensor:
+    """h (B, H, D) head features, x (B, H, A) current sample, w (A, D), coef (5,) float32 tensor."""
+    from vla.kernels import use_triton
+
+    if not use_triton(h, force):
+        return denoise_update_ref(h, ln_w, ln_b, w, b, x, coef)
+    import triton
+
+    bsz, hor, d = h.shape
+    a = w.shape[0]
+    h2, x2 = h.reshape(-1, d).contiguous(), x.reshape(-1, a).contiguous()
+    out = torch.empty_like(x2)
+    _denoise_kernel[(h2.shape[0],)](h2, ln_w, ln_b, w.contiguous(), b, x2, coef, out, d, a,
+                                    BLOCK_D=triton.next_power_of_2(d), BLOCK_A=triton.next_power_of_2(a))
+    return out.view(bsz, hor, a)
+
+
+def _define_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def kernel(h_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, x_ptr, c_ptr, o_ptr, D, A,
+               BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr):
+        row = tl.program_id(0)
+        od, oa = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_A)
+        dm, am = od < D, oa < A
+        h = tl.load(h_ptr + row * D + od, mask=dm, other=0.0).to(tl.float32)
+        mean = tl.sum(h, axis=0) / D
+        hc = tl.where(dm, h - mean, 0.0)
+        var = tl.sum(hc * hc, axis=0) / D
+        hn = hc / tl.sqrt(var + 1e-5) * tl.load(lnw_ptr + od, mask=dm, other=0.0) \
+            + tl.load(lnb_ptr + od, mask=dm, other=0.0)
+        w = tl.load(w_ptr + oa[:, None] * D + od[None, :], mask=am[:, None] & dm[None, :], other=0.0)
+        eps = tl.sum(w * hn[None, :], axis=1) + tl.load(b_ptr + oa, mask=am, other=0.0)
+        x = tl.load(x_ptr + row * A + oa, mask=am, other=0.0)
+        c0, c1, c2 = tl.load(c_ptr), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
+        c3, c4 = tl.load(c_ptr + 3), tl.load(c_ptr + 4)
+        x0 = tl.minimum(tl.maximum((x - c0 * eps) / c1, -c4), c4)
+        tl.store(o_ptr + row * A + oa, c2 * x0 + c3 * eps, mask=am)
+
+    return kernel
+
+
+_denoise_kernel = _Lazy(_define_kernel)

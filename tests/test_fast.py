@@ -1,0 +1,124 @@
+"""The real-time step (vla.fast) against the plain model path: exact where it must be, bounded where
+it approximates (token reuse, FastV pruning), and the same actions when compiled."""
+
+import json
+
+import pytest
+import torch
+
+from vla.config import VLAConfig
+from vla.fast import FastConfig, FastVLA, shuffle_groups
+from vla.model import VLA
+from vla.tokenizer import build_tokenizer
+
+SIZE = 32
+TINY = {
+    "cameras": ["front", "wrist"], "image_size": SIZE, "horizon": 4, "n_action_steps": 2,
+    "backbone": {"image_size": 32, "patch_size": 4, "scale_factor": 2, "vision_hidden": 32, "vision_layers": 2,
+                 "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 3, "text_heads": 4,
+                 "text_kv_heads": 2, "text_mlp": 128, "max_text_tokens": 8, "film": True},
+    "head": {"type": "diffusion", "hidden": 64, "layers": 2, "heads": 2, "mlp": 128, "train_timesteps": 50,
+             "inference_steps": 5},
+}
+TEXTS = ["press the red button", "press the blue button"]
+
+
+def tiny_model(head="diffusion", image_size=SIZE) -> VLA:
+    d = json.loads(json.dumps(TINY))
+    d["head"]["type"] = head
+    d["image_size"] = image_size
+    torch.manual_seed(0)
+    model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(TEXTS)).eval()
+    with torch.no_grad():  # zero-initialised layers would hide bugs: give them values
+        for name, p in model.named_parameters():
+            if "film" in name or "ada" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def plain(model, images, text, state, noise):
+    ids, mask = model.backbone.tokenize([text])
+    with torch.no_grad():
+        return model.sample(model.encode(images[None], ids, mask, state[None]), noise=noise)
+
+
+def test_pixel_shuffle_groups_are_2x2_blocks():
+    g = shuffle_groups(4, 2)
+    assert g.shape == (4, 4) and sorted(g[0].tolist()) == [0, 1, 4, 5] and sorted(g[3].tolist()) == [10, 11, 14, 15]
+
+
+@pytest.mark.parametrize("head,image_size", [("diffusion", SIZE), ("flow", SIZE), ("l1", SIZE), ("diffusion", 48)])
+def test_full_step_equals_the_plain_path(head, image_size):
+    model = tiny_model(head, image_size)
+    g = torch.Generator().manual_seed(1)
+    inputs = [(torch.rand(2, 3, image_size, image_size, generator=g), text, torch.randn(7, generator=g),
+               torch.randn(1, 4, 7, generator=g)) for text in TEXTS + TEXTS[:1]]
+    before = [plain(model, *i) for i in inputs]
+    engine = FastVLA(model, FastConfig())
+    for i, ref in zip(inputs, before):  # instruction changes re-prime the text caches
+        assert torch.allclose(engine.step(*i), ref, atol=1e-5)
+        # the model's own path, now through the registered attention, is unchanged
+        assert torch.allclose(plain(model, *i), ref, atol=1e-6)
+
+
+def test_token_reuse_is_exact_on_a_still_frame_and_close_on_a_small_change():
+    model = tiny_model()
+    engine = FastVLA(model, FastConfig(reuse=True, reuse_threshold=0.05, reuse_max=0.75, refresh_every=100))
+    g = torch.Generator().manual_seed(2)
+    images, state, noise = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.randn(7, generator=g), torch.randn(1, 4, 7)
+    engine.step(images, TEXTS[0], state, noise)
+    assert engine.stats["full"] == 1
+    # the same frame again: a partial step, and reused keys/values are exactly the fresh ones
+    out = engine.step(images, TEXTS[0], state, noise)
+    assert engine.stats["partial"] == 1
+    assert torch.allclose(out, plain(model, images, TEXTS[0], state, noise), atol=1e-5)
+    # one token's region changes: still partial (it is recomputed), the rest reused, error small
+    moved = images.clone()
+    moved[0, :, :8, :8] = torch.rand(3, 8, 8, generator=g)
+    out = engine.step(moved, TEXTS[0], state, noise)
+    ref = plain(model, moved, TEXTS[0], state, noise)
+    assert engine.stats["partial"] == 2
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max() + 1e-3
+    # a whole new scene: more changed tokens than the budget -> the full recompute, exact again
+    other = torch.rand(2, 3, SIZE, SIZE, generator=g)
+    out = engine.step(other, TEXTS[0], state, noise)
+    assert engine.stats["full"] == 2 and torch.allclose(out, plain(model, other, TEXTS[0], state, noise), atol=1e-5)
+
+
+def test_reuse_refreshes_every_k_steps_and_on_a_new_instruction():
+    model = tiny_model()
+    engine = FastVLA(model, FastConfig(reuse=True, refresh_every=3))
+    images, state, noise = torch.rand(2, 3, SIZE, SIZE), torch.zeros(7), torch.zeros(1, 4, 7)
+    for _ in range(6):
+        engine.step(images, TEXTS[0], state, noise)
+    assert engine.stats == {"full": 2, "partial": 4, "recomputed_tokens": engine.stats["recomputed_tokens"]}
+    engine.step(images, TEXTS[1], state, noise)
+    assert engine.stats["full"] == 1 and engine.stats["partial"] == 0
+
+
+def test_fastv_pruning_keeps_all_equals_plain_and_fewer_changes_little():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(3)
+    images, state, noise = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.randn(7, generator=g), torch.randn(1, 4, 7)
+    ref = plain(model, images, TEXTS[1], state, noise)
+    tokens = (SIZE // 4) ** 2 // 4
+    keep_all = FastVLA(model, FastConfig(prune_keep=tokens, prune_layer=0)).step(images, TEXTS[1], state, noise)
+    assert torch.allclose(keep_all, ref, atol=1e-5)
+    half = FastVLA(model, FastConfig(prune_keep=tokens // 2, prune_layer=1)).step(images, TEXTS[1], state, noise)
+    assert torch.isfinite(half).all() and not torch.allclose(half, ref, atol=1e-6)
+
+
+def test_bad_fast_configs_are_refused():
+    with pytest.raises(ValueError, match="exclusive"):
+        FastConfig(reuse=True, prune_keep=4)
+    with pytest.raises(ValueError, match="prune_keep"):
+        FastVLA(tiny_model(), FastConfig(prune_keep=999))
+
+
+def test_compiled_step_gives_the_same_actions():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(4)
+    images, state, noise = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.randn(7, generator=g), torch.randn(1, 4, 7)
+    eager = FastVLA(model, FastConfig()).step(images, TEXTS[0], state, noise)
+    compiled = FastVLA(model, FastConfig(compile=True)).step(images, TEXTS[0], state, noise)
+    assert torch.allclose(compiled, eager, atol=1e-4)

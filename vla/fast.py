@@ -1,0 +1,350 @@
+"""The real-time control step: one call maps camera frames + state to a normalized action chunk.
+
+What it does once instead of every step:
+  - per instruction: the text tokens' keys/values in every language-model layer (the text comes
+    first in the causal prefix, so it never depends on the images), their rows of the head's
+    cross-attention cache, and the FiLM parameters of the vision layers;
+  - per model: the time conditioning of every denoising step and the sampler's coefficients.
+Per step it runs the vision encoder and the language model only over the visual tokens (and the
+state token), writes their keys/values into per-layer caches, and runs the denoising loop on the
+head's cached cross-attention keys/values, ending each step in the fused output + update kernel.
+
+Cross-frame token reuse (VLA-Cache): tokens whose pixel region barely changed since the frame
+their cache entries came from keep their keys/values; only the others, plus the tokens the state
+token attended to most at the previous step, are recomputed, in the vision encoder (their patches)
+and in the language model. The number recomputed is fixed (static shapes); a step with more
+changed tokens than that, every `refresh_every`-th step, a new episode and a new instruction run
+the full recompute. With reuse off the step equals `VLA.encode` + `VLA.sample`.
+
+Token reduction (FastV): after language-model layer `prune_layer`, keep only the `prune_keep`
+most attended visual tokens per camera; later layers and the head see only those.
+
+Attention runs through a function registered in transformers' AttentionInterface, so the
+model's own SigLIP and Llama layers (projections, RoPE, MLPs) serve this path unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from vla.kernels import cached_attention, denoise_update, region_change
+from vla.kernels.attention import update_cache
+from vla.model import IMAGE_MEAN, IMAGE_STD, VLA, timestep_embedding
+
+ATTN_NAME = "vla_cached"
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    reuse: bool = False
+    reuse_threshold: float = 0.02  # mean |change| of a token's normalized pixels under which it may be reused
+    reuse_max: float = 0.75  # cap: at most this fraction of a camera's tokens reused in one step
+    reuse_keep_relevant: int = 2  # per camera, the most attended tokens are recomputed anyway
+    refresh_every: int = 8  # a full recompute every K steps bounds the drift
+    prune_keep: int = 0  # FastV: visual tokens kept per camera after layer prune_layer (0 = off)
+    prune_layer: int = 1
+    compile: bool = False  # torch.compile the step (CUDA: with CUDA graphs)
+    kernels: str | None = None  # None: Triton on CUDA, torch elsewhere; "torch" / "triton" force one
+
+    def __post_init__(self):
+        if self.reuse and self.prune_keep:
+            raise ValueError("token reuse and FastV pruning are exclusive: pick one")
+        if not 0 <= self.reuse_max < 1:
+            raise ValueError(f"reuse_max must be in [0, 1), got {self.reuse_max}")
+
+
+class KVSlot:
+    """The keys/values cache of one attention layer, and where this call's queries sit in it."""
+
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, force: str | None):
+        self.k = torch.zeros(batch, heads, length, head_dim)
+        self.v = torch.zeros_like(self.k)
+        self.index: torch.Tensor | None = None  # (B, n) positions of this call's tokens
+        self.mask: torch.Tensor | None = None  # (B, 1, n, P) bool or None (all visible)
+        self.force = force
+        self.active = False
+        self.last_query: torch.Tensor | None = None
+
+    def to(self, device):
+        self.k, self.v = self.k.to(device), self.v.to(device)
+        return self
+
+
+def _slot_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    slot = getattr(module, "vla_slot", None)
+    if slot is None or not slot.active:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    update_cache(slot.k, slot.index, key.to(slot.k.dtype))
+    update_cache(slot.v, slot.index, value.to(slot.v.dtype))
+    slot.last_query = query[:, :, -1:]
+    out = cached_attention(query, slot.k, slot.v, slot.mask, scaling, force=slot.force)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTN_NAME, _slot_attention)
+# the plain path through the same layers (no active slot) gets SDPA's masks, as with "sdpa"
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def shuffle_groups(side: int, scale: int) -> torch.Tensor:
+    """(tokens, scale**2): the patches pixel shuffle concatenates into each token, in channel order."""
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    idx = torch.arange(side * side, dtype=torch.float32)[None, :, None]
+    return Idefics3Connector.pixel_shuffle(None, idx, scale)[0].long()
+
+
+class FastVLA:
+    def __init__(self, model: VLA, cfg: FastConfig = FastConfig(), device: str | torch.device = "cpu"):
+        self.model = model.eval()
+        self.cfg = cfg
+        self.device = torch.device(device)
+        bb = model.backbone
+        vlm = bb.vlm
+        vc, tc = vlm.config.vision_config, vlm.config.text_config
+        self.n_cam = len(model.cfg.cameras)
+        self.patch = vc.patch_size
+        self.scale = vlm.config.scale_factor
+        self.side = bb.vision_size // self.patch
+        self.n_patch = self.side * self.side
+        self.tokens = self.n_patch // self.scale ** 2  # visual tokens per camera
+        self.text_len = bb.cfg.max_text_tokens
+        self.prefix = self.text_len + self.n_cam * self.tokens + 1
+        self.groups = shuffle_groups(self.side, self.scale).to(self.device)
+        if cfg.prune_keep and not (0 < cfg.prune_keep <= self.tokens and 0 <= cfg.prune_layer < tc.num_hidden_layers - 1):
+            raise ValueError(f"prune_keep must be in 1..{self.tokens} and prune_layer < {tc.num_hidden_layers - 1}")
+
+        vm, lm = vlm.vision_model, vlm.text_model
+        self.vision_layers, self.lm_layers = list(vm.encoder.layers), list(lm.layers)
+        for layer in self.vision_layers:
+            layer.self_attn.vla_slot = KVSlot(self.n_cam, vc.num_attention_heads, self.n_patch,
+                                              vc.hidden_size // vc.num_attention_heads, cfg.kernels).to(self.device)
+        head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
+        for layer in self.lm_layers:
+            layer.self_attn.vla_slot = KVSlot(1, tc.num_key_value_heads, self.prefix, head_dim,
+                                              cfg.kernels).to(self.device)
+        vc._attn_implementation = ATTN_NAME
+        tc._attn_implementation = ATTN_NAME
+        w = vm.embeddings.patch_embedding.weight
+        self.patch_w, self.patch_b = w.reshape(w.shape[0], -1), vm.embeddings.patch_embedding.bias
+        self.pos_emb = vm.embeddings.position_embedding.weight[: self.n_patch]
+
+        head = model.head
+        self.head_kv = [(torch.zeros(1, blk.heads, self.prefix, head.d // blk.heads, device=self.device),
+                         torch.zeros(1, blk.heads, self.prefix, head.d // blk.heads, device=self.device))
+                        for blk in head.blocks]
+        self._precompute_sampler()
+        self.instruction: str | None = None
+        self._step = torch.compile(self._forward, mode="reduce-overhead" if self.device.type == "cuda" else None,
+                                   dynamic=False) if cfg.compile else self._forward
+        self.reset()
+
+    # --- once per model ---
+    @torch.no_grad()
+    def _precompute_sampler(self):
+        m, h = self.model, self.model.cfg.head
+        if h.type == "diffusion":
+            sch = m.infer_scheduler
+            ac = sch.alphas_cumprod
+            stride = sch.config.num_train_timesteps // sch.num_inference_steps
+            times, coefs = [], []
+            for t in sch.timesteps.tolist():
+                a_t = ac[t]
+                a_prev = ac[t - stride] if t - stride >= 0 else sch.final_alpha_cumprod
+                times.append(float(t))
+                coefs.append([math.sqrt(1 - a_t), math.sqrt(a_t), math.sqrt(a_prev), math.sqrt(1 - a_prev),
+                              sch.config.clip_sample_range])
+        elif h.type == "flow":
+            dt = 1.0 / h.inference_steps
+            times = [(1.0 - i * dt) * 1000.0 for i in range(h.inference_steps)]
+            coefs = [[0.0, 1.0, 1.0, -dt, math.inf]] * h.inference_steps
+        else:  # l1: one pass from zeros; the output is the chunk
+            times, coefs = [0.0], [[0.0, 1.0, 0.0, 1.0, math.inf]]
+        head = m.head
+        self.coefs = torch.tensor(coefs, dtype=torch.float32, device=self.device)
+        self.mods = []  # per step, per block: the six adaLN tensors (shift1, scale1, gate1, shift3, scale3, gate3)
+        for t in times:
+            cond = head.time(timestep_embedding(torch.tensor([t], device=self.device), head.d))
+            self.mods.append([blk.ada(cond)[:, None].chunk(6, dim=-1) for blk in head.blocks])
+
+    # --- once per instruction / episode ---
+    def reset(self) -> None:
+        self.steps_since_full = 0
+        self.ref_images: torch.Tensor | None = None  # the pixels the caches were computed from
+        self.relevance: torch.Tensor | None = None
+        self.stats = {"full": 0, "partial": 0, "recomputed_tokens": 0}
+
+    @torch.no_grad()
+    def set_instruction(self, text: str) -> None:
+        bb = self.model.backbone
+        ids, mask = bb.tokenize([text], self.device)
+        self.key_valid = torch.ones(1, self.prefix, dtype=torch.bool, device=self.device)
+        self.key_valid[:, : self.text_len] = mask
+        self.film = None
+        if bb.film is not None:
+            f = bb.film(bb.instruction_embedding(ids, mask))
+            self.film = f.view(1, len(self.vision_layers), 2, 1, -1)
+        pos = torch.arange(self.text_len, device=self.device)[None]
+        h = bb.vlm.get_input_embeddings()(ids)
+        self._run_lm(h, pos, self.key_valid)
+        self._write_head_rows(h_final=self._last_lm_out, pos=pos)
+        self.instruction = text
+        self.reset()
+
+    # --- per step ---
+    def _lm_mask(self, pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
+        causal = torch.arange(self.prefix, device=self.device)[None, None, :] <= pos[:, :, None]
+        return (causal & key_valid[:, None, :])[:, None]
+
+    def _run_lm(self, h, pos, key_valid, prune=None):
+        lm = self.model.backbone.vlm.text_model
+        mask = self._lm_mask(pos, key_valid)
+        cos_sin = lm.rotary_emb(h, pos)
+        for i, layer in enumerate(self.lm_layers):
+            slot = layer.self_attn.vla_slot
+            slot.index, slot.mask, slot.active = pos, mask, True
+            h = layer(h, attention_mask=None, position_ids=pos, position_embeddings=cos_sin)
+            slot.active = False
+            if prune is not None and i == prune:
+                keep = self._prune(slot)  # (n_cam, keep) token indices
+                rows = torch.cat([(keep + torch.arange(self.n_cam, device=self.device)[:, None] * self.tokens).flatten(),
+                                  torch.tensor([h.shape[1] - 1], device=self.device)])
+                h, pos = h[:, rows], pos[:, rows]
+                key_valid = key_valid.clone()
+                vis = torch.zeros(self.n_cam, self.tokens, dtype=torch.bool, device=self.device)
+                vis.scatter_(1, keep, True)
+                key_valid[:, self.text_len: self.text_len + self.n_cam * self.tokens] = vis.flatten()
+                mask = self._lm_mask(pos, key_valid)
+                cos_sin = lm.rotary_emb(h, pos)
+        self._last_lm_out = lm.norm(h)
+        self._last_key_valid = key_valid
+        return pos
+
+    def _attention_to_visual(self, slot: KVSlot) -> torch.Tensor:
+        """(n_cam, tokens): how much the state token (the last query) attends to each visual token."""
+        q, k = slot.last_query, slot.k
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, 1) if rep > 1 else k
+        s = (q @ k.transpose(-1, -2))[:, :, 0] / math.sqrt(q.shape[-1])  # (1, H, P)
+        s = s.masked_fill(~self.key_valid[:, None], float("-inf")).softmax(-1).mean(1)[0]
+        return s[self.text_len: self.text_len + self.n_cam * self.tokens].view(self.n_cam, self.tokens)
+
+    def _prune(self, slot: KVSlot) -> torch.Tensor:
+        return self._attention_to_visual(slot).topk(self.cfg.prune_keep, dim=1).indices.sort(dim=1).values
+
+    def _write_head_rows(self, h_final, pos):
+        m = self.model.head.memory_proj(h_final.float())
+        for blk, (k, v) in zip(self.model.head.blocks, self.head_kv):
+            nk, nv = blk.prefix_kv(m)
+            update_cache(k, pos, nk)
+            update_cache(v, pos, nv)
+
+    def _vision(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """x (n_cam, 3, S, S) normalized; tok (n_cam, R) tokens to compute -> their features (n_cam, R, D)."""
+        bb = self.model.backbone
+        vm = bb.vlm.vision_model
+        pidx = self.groups[tok].flatten(1)  # (n_cam, R * scale^2) patches
+        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (n_cam, Np, 3 p p)
+        sel = patches.gather(1, pidx[..., None].expand(-1, -1, patches.shape[-1]))
+        h = F.linear(sel, self.patch_w, self.patch_b) + self.pos_emb[pidx]
+        for i, layer in enumerate(self.vision_layers):
+            if self.film is not None:
+                h = h * (1 + self.film[:, i, 0]) + self.film[:, i, 1]
+            slot = layer.self_attn.vla_slot
+            slot.index, slot.mask, slot.active = pidx, None, True
+            h = layer(h, None)
+            slot.active = False
+        h = vm.post_layernorm(h)  # (n_cam, R * s^2, Dv), already in the connector's channel order
+        h = h.reshape(self.n_cam, tok.shape[1], -1)
+        return bb.vlm.connector.modality_projection(h)
+
+    def _forward(self, x: torch.Tensor, tok: torch.Tensor, state_token: torch.Tensor, noise: torch.Tensor):
+        feats = self._vision(x, tok)
+        pos_img = self.text_len + tok + torch.arange(self.n_cam, device=self.device)[:, None] * self.tokens
+        pos = torch.cat([pos_img.flatten(), torch.tensor([self.prefix - 1], device=self.device)])[None]
+        h = torch.cat([feats.reshape(1, -1, feats.shape[-1]), state_token[:, None].to(feats.dtype)], dim=1)
+        full = tok.shape[1] == self.tokens
+        prune = self.cfg.prune_layer if (self.cfg.prune_keep and full) else None
+        pos = self._run_lm(h, pos, self.key_valid, prune)
+        self._write_head_rows(self._last_lm_out, pos)
+        head_mask = self._last_key_valid[:, None, None, :]
+        return self._denoise(noise, head_mask)
+
+    def _denoise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        head = self.model.head
+        if self.model.cfg.head.type == "l1":
+            x = torch.zeros_like(x)  # regression from a fixed input; no noise
+        for mods, coef in zip(self.mods, self.coefs):
+            h = head.in_proj(x) + head.pos
+            for blk, kv, (sh1, sc1, g1, sh3, sc3, g3) in zip(head.blocks, self.head_kv, mods):
+                b, n, d = h.shape
+                a = blk.norm1(h) * (1 + sc1) + sh1
+                q, k, v = (blk._split(t) for t in blk.qkv(a).chunk(3, dim=-1))
+                h = h + g1 * blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
+                q = blk._split(blk.q_cross(blk.norm2(h)))
+                a = cached_attention(q, kv[0], kv[1], mask, 1 / math.sqrt(d // blk.heads), force=self.cfg.kernels)
+                h = h + blk.proj_cross(a.transpose(1, 2).reshape(b, n, d))
+                h = h + g3 * blk.mlp(blk.norm3(h) * (1 + sc3) + sh3)
+            x = denoise_update(h, head.out_norm.weight, head.out_norm.bias, head.out.weight, head.out.bias,
+                               x, coef, force=self.cfg.kernels)
+        return x
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(n_cam, 3, S, S) in [0, 1] -> normalized at the vision encoder's size."""
+        x = (images - IMAGE_MEAN) / IMAGE_STD
+        size = self.model.backbone.vision_size
+        if x.shape[-1] != size:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def select(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens to recompute this step: all of them, or (reuse) a fixed number per camera."""
+        cfg = self.cfg
+        all_tokens = torch.arange(self.tokens, device=self.device).expand(self.n_cam, -1)
+        if (not cfg.reuse or self.ref_images is None or self.relevance is None
+                or self.steps_since_full + 1 >= cfg.refresh_every):
+            return all_tokens
+        budget = self.tokens - int(cfg.reuse_max * self.tokens)
+        change = region_change(x, self.ref_images, self.patch * self.scale, force=cfg.kernels)
+        must = change > cfg.reuse_threshold
+        if cfg.reuse_keep_relevant:
+            must.scatter_(1, self.relevance.topk(cfg.reuse_keep_relevant, dim=1).indices, True)
+        if int(must.sum(1).max()) > budget:
+            return all_tokens
+        return (must.float() * 1e3 + change).topk(budget, dim=1).indices.sort(dim=1).values
+
+    @torch.no_grad()
+    def step(self, images: torch.Tensor, text: str, state: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """images (n_cam, 3, S, S) in [0, 1]; state normalized (state_dim,); noise (1, H, A).
+        Returns the normalized chunk (1, H, A)."""
+        if text != self.instruction:
+            self.set_instruction(text)
+        x = self.preprocess(images.to(self.device))
+        tok = self.select(x)
+        full = tok.shape[1] == self.tokens
+        chunk = self._step(x, tok, self.model.state_proj(state.to(self.device)[None]), noise.to(self.device))
+        if full:
+            self.ref_images = x.clone()
+            self.steps_since_full = 0
+            self.stats["full"] += 1
+        else:
+            region = self.patch * self.scale
+            grid = torch.zeros(self.n_cam, self.tokens, device=self.device)
+            grid.scatter_(1, tok, 1.0)
+            upd = grid.view(self.n_cam, 1, self.side // self.scale, -1).repeat_interleave(region, 2)
+            upd = upd.repeat_interleave(region, 3).bool()
+            self.ref_images = torch.where(upd, x, self.ref_images)
+            self.steps_since_full += 1
+            self.stats["partial"] += 1
+        self.stats["recomputed_tokens"] += tok.numel()
+        if self.cfg.reuse:
+            self.relevance = self._attention_to_visual(self.lm_layers[-1].self_attn.vla_slot)
+        return chunk
