@@ -56,10 +56,18 @@ def _worker(job):
     from vla.policies import Policy
     from vla.sim import make_env
 
-    policy_path, task, seeds, record_seeds, threads, ensemble = job
+    policy_path, task, seeds, record_seeds, threads, ensemble, fast = job
     torch.set_num_threads(threads)
-    policy = Policy.from_pretrained(policy_path, ensemble=ensemble)
+    policy = Policy.from_pretrained(policy_path, ensemble=ensemble, fast=_fast_config(fast))
     return _rollouts(policy, task, seeds, record_seeds, make_env)
+
+
+def _fast_config(fast: dict | None):
+    if fast is None:
+        return None
+    from vla.fast import FastConfig
+
+    return FastConfig(**fast)
 
 
 def _rollouts(policy, task, seeds, record_seeds, make_env):
@@ -85,8 +93,9 @@ def _rollouts(policy, task, seeds, record_seeds, make_env):
 
 def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str | Path | None = None,
              videos: int = 2, seed_start: int = EVAL_SEED_START, progress: bool = True,
-             ensemble: str = "queue") -> dict:
-    """`policy`: an artifact path (required for workers > 1) or a Policy object."""
+             ensemble: str = "queue", fast: dict | None = None) -> dict:
+    """`policy`: an artifact path (required for workers > 1) or a Policy object. `fast`: keyword
+    arguments of a vla.fast.FastConfig to run the real-time step instead of the plain model path."""
     from vla.sim import make_env
 
     tasks = [resolve_task(t) for t in (tasks or list(TASKS))]
@@ -101,7 +110,7 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
         # at least two jobs per worker, so that short tasks do not leave a worker idle
         chunks_per_task = max(1, math.ceil(2 * workers / len(tasks)))
         per_job = max(1, math.ceil(episodes / chunks_per_task))
-        jobs = [(str(policy), t, seeds[i:i + per_job], record, 1, ensemble)
+        jobs = [(str(policy), t, seeds[i:i + per_job], record, 1, ensemble, fast)
                 for t in tasks for i in range(0, episodes, per_job)]
         with mp.get_context("spawn").Pool(workers) as pool:
             for res in pool.imap_unordered(_worker, jobs):
@@ -111,7 +120,7 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
         if isinstance(policy, (str, Path)):
             from vla.policies import Policy
 
-            policy = Policy.from_pretrained(policy, ensemble=ensemble)
+            policy = Policy.from_pretrained(policy, ensemble=ensemble, fast=_fast_config(fast))
         for t in tasks:
             for s in seeds:
                 results.extend(_rollouts(policy, t, [s], record, make_env))

@@ -112,13 +112,16 @@ def cmd_train(args) -> int:
     return train_main([args.recipe, *args.overrides] + (["--resume"] if args.resume else []))
 
 
+FAST_PRESETS = {"off": None, "on": {}, "reuse": {"reuse": True}, "prune": {"prune_keep": 8}}
+
+
 def cmd_eval(args) -> int:
     from vla.policies import SpecMismatchError
     from vla.sim.evaluate import evaluate, format_table
 
     try:
         summary = evaluate(args.policy, args.tasks, args.episodes, workers=args.workers, out=args.out,
-                           videos=args.videos, ensemble=args.ensemble)
+                           videos=args.videos, ensemble=args.ensemble, fast=FAST_PRESETS[args.fast])
     except SpecMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -126,6 +129,22 @@ def cmd_eval(args) -> int:
     if args.out:
         print(f"results: {Path(args.out) / 'results.json'}, plot: {Path(args.out) / 'success.png'}, "
               f"videos: {Path(args.out) / 'videos'}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from vla.bench import CONFIGS, format_bench, run_bench
+
+    configs = None
+    if args.configs:
+        configs = [c.strip() for c in args.configs.split(";")]
+        unknown = [c for c in configs if c not in CONFIGS]
+        if unknown:
+            print(f"error: unknown configurations {unknown}; known: {list(CONFIGS)}", file=sys.stderr)
+            return 2
+    r = run_bench(args.policy or shipped_policy(), task=args.task, steps=args.steps, threads=args.threads,
+                  configs=configs)
+    print(json.dumps(r, indent=2) if args.json else format_bench(r))
     return 0
 
 
@@ -182,6 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench_sim)
 
+    bp = sub.add_parser("bench", help="control-step speed per stage and configuration, on a real rollout")
+    bp.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
+    bp.add_argument("--task", default="pick_cube")
+    bp.add_argument("--steps", type=int, default=60, help="consecutive frames timed per configuration")
+    bp.add_argument("--threads", type=int, default=2)
+    bp.add_argument("--configs", default=None, help="';'-separated subset of the configurations")
+    bp.add_argument("--json", action="store_true")
+    bp.set_defaults(func=cmd_bench)
+
     t = sub.add_parser("train", help="train a policy from a YAML recipe (torchrun for many processes)")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=100 model.head.type=flow")
@@ -196,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--out", default=None, help="results.json, success.png and videos go here")
     v.add_argument("--videos", type=int, default=2, help="episodes per task recorded as mp4")
     v.add_argument("--ensemble", choices=["queue", "temporal", "adaptive"], default="queue")
+    v.add_argument("--fast", choices=list(FAST_PRESETS), default="off",
+                   help="the real-time step (vla.fast): on, with token reuse, or with FastV pruning to 8 tokens")
     v.set_defaults(func=cmd_eval)
 
     args = p.parse_args(argv)

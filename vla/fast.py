@@ -26,6 +26,7 @@ model's own SigLIP and Llama layers (projections, RoPE, MLPs) serve this path un
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -60,12 +61,29 @@ class FastConfig:
             raise ValueError(f"reuse_max must be in [0, 1), got {self.reuse_max}")
 
 
+class _Clock:
+    """Records stage boundaries into `timings` (seconds), synchronizing CUDA first; a no-op without."""
+
+    def __init__(self, timings: dict | None, device: torch.device):
+        self.timings, self.device = timings, device
+        self.t = time.perf_counter() if timings is not None else 0.0
+
+    def __call__(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[stage] = now - self.t
+        self.t = now
+
+
 class KVSlot:
     """The keys/values cache of one attention layer, and where this call's queries sit in it."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, force: str | None):
-        self.k = torch.zeros(batch, heads, length, head_dim)
-        self.v = torch.zeros_like(self.k)
+        self.k_all = self.k = torch.zeros(batch, heads, length, head_dim)
+        self.v_all = self.v = torch.zeros_like(self.k)
         self.index: torch.Tensor | None = None  # (B, n) positions of this call's tokens
         self.mask: torch.Tensor | None = None  # (B, 1, n, P) bool or None (all visible)
         self.force = force
@@ -73,7 +91,8 @@ class KVSlot:
         self.last_query: torch.Tensor | None = None
 
     def to(self, device):
-        self.k, self.v = self.k.to(device), self.v.to(device)
+        self.k_all = self.k = self.k.to(device)
+        self.v_all = self.v = self.v.to(device)
         return self
 
 
@@ -143,8 +162,12 @@ class FastVLA:
                         for blk in head.blocks]
         self._precompute_sampler()
         self.instruction: str | None = None
-        self._step = torch.compile(self._forward, mode="reduce-overhead" if self.device.type == "cuda" else None,
-                                   dynamic=False) if cfg.compile else self._forward
+        self.encode, self.denoise = self._encode, self._denoise
+        if cfg.compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on CUDA
+            self.encode = torch.compile(self._encode, mode=mode, dynamic=False)
+            self.denoise = torch.compile(self._denoise, mode=mode, dynamic=False)
+        self.timings: dict[str, float] | None = None  # set to {} to have step() record its stages (s)
         self.reset()
 
     # --- once per model ---
@@ -247,36 +270,42 @@ class FastVLA:
             update_cache(k, pos, nk)
             update_cache(v, pos, nv)
 
-    def _vision(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """x (n_cam, 3, S, S) normalized; tok (n_cam, R) tokens to compute -> their features (n_cam, R, D)."""
+    def _vision(self, x: torch.Tensor, tok: torch.Tensor, cams: slice) -> torch.Tensor:
+        """x (n, 3, S, S) normalized frames of cameras `cams`; tok (n, R) their tokens to compute ->
+        the tokens' features (n, R, D)."""
         bb = self.model.backbone
         vm = bb.vlm.vision_model
-        pidx = self.groups[tok].flatten(1)  # (n_cam, R * scale^2) patches
-        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (n_cam, Np, 3 p p)
+        n = x.shape[0]
+        pidx = self.groups[tok].flatten(1)  # (n, R * scale^2) patches, in the connector's channel order
+        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (n, Np, 3 p p)
         sel = patches.gather(1, pidx[..., None].expand(-1, -1, patches.shape[-1]))
         h = F.linear(sel, self.patch_w, self.patch_b) + self.pos_emb[pidx]
         for i, layer in enumerate(self.vision_layers):
             if self.film is not None:
                 h = h * (1 + self.film[:, i, 0]) + self.film[:, i, 1]
             slot = layer.self_attn.vla_slot
+            slot.k, slot.v = slot.k_all[cams], slot.v_all[cams]  # views: updates land in the cache
             slot.index, slot.mask, slot.active = pidx, None, True
             h = layer(h, None)
             slot.active = False
-        h = vm.post_layernorm(h)  # (n_cam, R * s^2, Dv), already in the connector's channel order
-        h = h.reshape(self.n_cam, tok.shape[1], -1)
+        h = vm.post_layernorm(h).reshape(n, tok.shape[1], -1)
         return bb.vlm.connector.modality_projection(h)
 
-    def _forward(self, x: torch.Tensor, tok: torch.Tensor, state_token: torch.Tensor, noise: torch.Tensor):
-        feats = self._vision(x, tok)
-        pos_img = self.text_len + tok + torch.arange(self.n_cam, device=self.device)[:, None] * self.tokens
-        pos = torch.cat([pos_img.flatten(), torch.tensor([self.prefix - 1], device=self.device)])[None]
-        h = torch.cat([feats.reshape(1, -1, feats.shape[-1]), state_token[:, None].to(feats.dtype)], dim=1)
-        full = tok.shape[1] == self.tokens
+    def _encode(self, x: torch.Tensor, toks: list[torch.Tensor], state_token: torch.Tensor) -> torch.Tensor:
+        """The backbone over the tokens `toks[c]` of each camera c (+ the state token); updates every
+        cache. Returns the head's cross-attention mask."""
+        if len({len(t) for t in toks}) == 1:  # one batched pass
+            feats = list(self._vision(x, torch.stack(toks), slice(0, self.n_cam)))
+        else:  # a camera refreshed in full beside one reusing tokens: one pass each
+            feats = [self._vision(x[c:c + 1], toks[c][None], slice(c, c + 1))[0] for c in range(self.n_cam)]
+        pos_img = torch.cat([self.text_len + c * self.tokens + t for c, t in enumerate(toks)])
+        h = torch.cat([torch.cat(feats), state_token.to(feats[0].dtype)])[None]
+        pos = torch.cat([pos_img, torch.tensor([self.prefix - 1], device=self.device)])[None]
+        full = all(len(t) == self.tokens for t in toks)
         prune = self.cfg.prune_layer if (self.cfg.prune_keep and full) else None
         pos = self._run_lm(h, pos, self.key_valid, prune)
         self._write_head_rows(self._last_lm_out, pos)
-        head_mask = self._last_key_valid[:, None, None, :]
-        return self._denoise(noise, head_mask)
+        return self._last_key_valid[:, None, None, :]
 
     def _denoise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         head = self.model.head
@@ -305,21 +334,21 @@ class FastVLA:
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return x
 
-    def select(self, x: torch.Tensor) -> torch.Tensor:
-        """The tokens to recompute this step: all of them, or (reuse) a fixed number per camera."""
+    def select(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per camera, the tokens to recompute this step: all of them, or (reuse) a fixed number."""
         cfg = self.cfg
-        all_tokens = torch.arange(self.tokens, device=self.device).expand(self.n_cam, -1)
+        all_tokens = torch.arange(self.tokens, device=self.device)
         if (not cfg.reuse or self.ref_images is None or self.relevance is None
                 or self.steps_since_full + 1 >= cfg.refresh_every):
-            return all_tokens
+            return [all_tokens] * self.n_cam
         budget = self.tokens - int(cfg.reuse_max * self.tokens)
         change = region_change(x, self.ref_images, self.patch * self.scale, force=cfg.kernels)
         must = change > cfg.reuse_threshold
         if cfg.reuse_keep_relevant:
             must.scatter_(1, self.relevance.topk(cfg.reuse_keep_relevant, dim=1).indices, True)
-        if int(must.sum(1).max()) > budget:
-            return all_tokens
-        return (must.float() * 1e3 + change).topk(budget, dim=1).indices.sort(dim=1).values
+        partial = (must.float() * 1e3 + change).topk(budget, dim=1).indices.sort(dim=1).values
+        too_many = (must.sum(1) > budget).tolist()  # that camera changed too much: recompute it all
+        return [all_tokens if too_many[c] else partial[c] for c in range(self.n_cam)]
 
     @torch.no_grad()
     def step(self, images: torch.Tensor, text: str, state: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -327,10 +356,15 @@ class FastVLA:
         Returns the normalized chunk (1, H, A)."""
         if text != self.instruction:
             self.set_instruction(text)
+        clock = _Clock(self.timings, self.device)
         x = self.preprocess(images.to(self.device))
-        tok = self.select(x)
-        full = tok.shape[1] == self.tokens
-        chunk = self._step(x, tok, self.model.state_proj(state.to(self.device)[None]), noise.to(self.device))
+        toks = self.select(x)
+        clock("preprocess")
+        full = all(len(t) == self.tokens for t in toks)
+        mask = self.encode(x, toks, self.model.state_proj(state.to(self.device)[None]))
+        clock("backbone")
+        chunk = self.denoise(noise.to(self.device), mask)
+        clock("head")
         if full:
             self.ref_images = x.clone()
             self.steps_since_full = 0
@@ -338,13 +372,14 @@ class FastVLA:
         else:
             region = self.patch * self.scale
             grid = torch.zeros(self.n_cam, self.tokens, device=self.device)
-            grid.scatter_(1, tok, 1.0)
+            for c, t in enumerate(toks):
+                grid[c, t] = 1.0
             upd = grid.view(self.n_cam, 1, self.side // self.scale, -1).repeat_interleave(region, 2)
             upd = upd.repeat_interleave(region, 3).bool()
             self.ref_images = torch.where(upd, x, self.ref_images)
             self.steps_since_full += 1
             self.stats["partial"] += 1
-        self.stats["recomputed_tokens"] += tok.numel()
+        self.stats["recomputed_tokens"] += sum(len(t) for t in toks)
         if self.cfg.reuse:
             self.relevance = self._attention_to_visual(self.lm_layers[-1].self_attn.vla_slot)
         return chunk

@@ -1,0 +1,192 @@
+"""`vla bench`: the control step of a policy artifact, per stage and per configuration.
+
+Frames come from a real sim rollout (the plain policy drives the arm; every control step's
+observation is kept), so consecutive frames are what a robot sees. Each configuration then runs
+one model call per recorded frame with the same noise, and we report the median and p99 of
+preprocess / backbone / head / total, ratios against the plain path, the action error against
+the exact path, the machine's measured fp32 matmul peak and the fraction of it the backbone reaches.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from vla.fast import FastConfig, FastVLA
+
+CONFIGS = {
+    "plain, no prefix cache": None,  # the backbone re-runs at every denoising step
+    "plain + prefix cache": None,  # VLA.encode once, VLA.sample: the training-time path
+    "fast (text K/V, fused kernels)": FastConfig(),
+    "fast + token reuse": FastConfig(reuse=True),
+    "fast + FastV keep 50%": "prune",
+    "fast + compile": FastConfig(compile=True),
+    "fast + token reuse + compile": FastConfig(reuse=True, compile=True),
+}
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def record_rollout(policy, task: str, steps: int, seed: int) -> list[dict]:
+    from vla.sim import make_env
+
+    spec = policy.spec
+    env = make_env(task, image_size=spec["image_size"], cameras=tuple(spec["cameras"]))
+    obs, _ = env.reset(seed=seed)
+    policy.reset(seed)
+    frames = []
+    for _ in range(steps):
+        frames.append(obs)
+        obs, _, terminated, truncated, _ = env.step(policy.act(obs))
+        if terminated or truncated:
+            obs, _ = env.reset(seed=seed + len(frames))
+            policy.reset(seed)
+    env.close()
+    return frames
+
+
+def _inputs(policy, obs):
+    images = torch.stack([torch.from_numpy(np.ascontiguousarray(obs[f"observation.images.{c}"]))
+                          for c in policy.cameras]).permute(0, 3, 1, 2).float() / 255.0
+    state = policy.norm.state(torch.as_tensor(np.asarray(obs["observation.state"], dtype=np.float32))[None])[0]
+    return images, state
+
+
+def _plain_step(model, images, ids, mask, state, noise, cache_prefix: bool, timings: dict):
+    """The model's own path. Its preprocessing (normalize, resize) happens inside encode, so it
+    counts in the backbone here."""
+    t0 = time.perf_counter()
+    if cache_prefix:
+        cache = model.encode(images[None], ids, mask, state[None])
+        backbone = time.perf_counter() - t0
+        out = model.sample(cache, noise=noise)
+    else:  # what a loop without the prefix cache pays: the backbone at every denoising step
+        backbone, out, sch = 0.0, noise, model.infer_scheduler
+        for t in sch.timesteps:
+            s = time.perf_counter()
+            cache = model.encode(images[None], ids, mask, state[None])
+            backbone += time.perf_counter() - s
+            out = sch.step(model.head(out, t.expand(1), cache), t, out).prev_sample
+    total = time.perf_counter() - t0
+    timings.update(preprocess=0.0, backbone=backbone, head=total - backbone)
+    return out
+
+
+def _stats(xs: list[float]) -> dict:
+    ms = np.asarray(xs) * 1e3
+    return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def backbone_gflop(model, images, ids, mask, state) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        model.encode(images[None], ids, mask, state[None])
+    return fc.get_total_flops() / 1e9
+
+
+def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int = 5, threads: int = 2,
+              configs: list[str] | None = None, seed: int = 1_000_000) -> dict:
+    from vla.policies import Policy
+
+    torch.set_num_threads(threads)
+    policy = Policy.from_pretrained(policy_dir)
+    model = policy.model
+    frames = record_rollout(policy, task, steps + warmup, seed)
+    g = torch.Generator().manual_seed(0)
+    noises = [torch.randn(1, policy.horizon, policy.spec["action_dim"], generator=g) for _ in frames]
+    inputs = [_inputs(policy, o) for o in frames]
+    text = frames[0]["task"]
+    ids, mask = model.backbone.tokenize([text])
+    tokens = None
+    result = {"policy": str(policy_dir), "task": task, "frames": steps, "threads": threads,
+              "torch": torch.__version__, "configs": {}}
+    reference = None
+    for name in configs or list(CONFIGS):
+        cfg = CONFIGS[name]
+        if name == "plain, no prefix cache" and model.cfg.head.type != "diffusion":
+            continue  # that loop is written for the DDIM sampler
+        if cfg == "prune":
+            tokens = tokens or FastVLA(model).tokens
+            cfg = FastConfig(prune_keep=max(1, tokens // 2))
+        engine = FastVLA(model, cfg) if cfg is not None else None
+        stages = {k: [] for k in ("preprocess", "backbone", "head", "total")}
+        outs = []
+        t_compile = time.perf_counter()
+        with torch.no_grad():
+            for i, ((images, state), noise) in enumerate(zip(inputs, noises)):
+                timings: dict = {}
+                t0 = time.perf_counter()
+                if engine is None:
+                    out = _plain_step(model, images, ids, mask, state, noise, name != "plain, no prefix cache", timings)
+                else:
+                    engine.timings = timings
+                    out = engine.step(images, text, state, noise)
+                total = time.perf_counter() - t0
+                if i == warmup - 1:
+                    t_compile = time.perf_counter() - t_compile
+                if i >= warmup:
+                    for k in ("preprocess", "backbone", "head"):
+                        stages[k].append(timings[k])
+                    stages["total"].append(total)
+                    outs.append(out)
+        entry = {k: _stats(v) for k, v in stages.items()}
+        entry["warmup_s"] = t_compile
+        if engine is not None:
+            entry["engine_stats"] = dict(engine.stats)
+        if reference is None and name == "plain + prefix cache":
+            reference = outs
+        if reference is not None:
+            err = torch.stack([(a - b).abs().max() for a, b in zip(outs, reference)])
+            entry["max_abs_action_error_vs_exact"] = {"median": float(err.median()), "max": float(err.max())}
+        result["configs"][name] = entry
+    base = result["configs"].get("plain, no prefix cache") or result["configs"]["plain + prefix cache"]
+    for entry in result["configs"].values():
+        entry["speedup_vs_first"] = base["total"]["median_ms"] / entry["total"]["median_ms"]
+    peak = matmul_peak_gflops()
+    gflop = backbone_gflop(model, *inputs[0][:1], ids, mask, inputs[0][1])
+    result["matmul_peak_gflops"] = peak
+    result["backbone_gflop_per_step"] = gflop
+    for entry in result["configs"].values():
+        achieved = gflop / (entry["backbone"]["median_ms"] / 1e3)
+        entry["backbone_fraction_of_peak"] = achieved / peak
+    return result
+
+
+def format_bench(r: dict) -> str:
+    head = (f"{'configuration':34s} {'preproc':>9s} {'backbone':>17s} {'head':>17s} {'total':>17s} "
+            f"{'speedup':>7s} {'peak%':>6s}")
+    lines = [f"policy {r['policy']}  task {r['task']}  {r['frames']} consecutive frames, {r['threads']} threads",
+             "median / p99 ms per control step", head]
+    for name, e in r["configs"].items():
+        def mp(k):
+            return f"{e[k]['median_ms']:7.2f} /{e[k]['p99_ms']:7.2f}"
+        lines.append(f"{name:34s} {e['preprocess']['median_ms']:9.2f} {mp('backbone'):>17s} {mp('head'):>17s} "
+                     f"{mp('total'):>17s} {e['speedup_vs_first']:6.1f}x {100 * e['backbone_fraction_of_peak']:5.1f}%")
+    lines.append(f"fp32 matmul peak {r['matmul_peak_gflops']:.1f} GFLOP/s; backbone "
+                 f"{r['backbone_gflop_per_step'] * 1e3:.1f} MFLOP per step")
+    for name, e in r["configs"].items():
+        extra = []
+        if "engine_stats" in e:
+            s = e["engine_stats"]
+            extra.append(f"full {s['full']} partial {s['partial']}")
+        if "max_abs_action_error_vs_exact" in e:
+            a = e["max_abs_action_error_vs_exact"]
+            extra.append(f"action error vs exact (normalized units) median {a['median']:.4f} max {a['max']:.4f}")
+        if e.get("warmup_s", 0) > 5:
+            extra.append(f"warm-up (compile) {e['warmup_s']:.0f} s")
+        if extra:
+            lines.append(f"  {name}: " + "; ".join(extra))
+    return "\n".join(lines)
