@@ -128,6 +128,7 @@ class Policy:
         return self.norm.unaction(chunk)[0].float().cpu().numpy()
 
     def act(self, obs: dict) -> np.ndarray:
+        self._check(obs)  # also when the action comes from the queue: bad input is refused every step
         if self.ensemble == "queue":
             if not self.queue:
                 self.queue.extend(self.act_chunk(obs)[: self.n_action_steps])

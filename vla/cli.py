@@ -115,6 +115,12 @@ def cmd_train(args) -> int:
 FAST_PRESETS = {"off": None, "on": {}, "reuse": {"reuse": True}, "prune": {"prune_keep": 8}}
 
 
+def _fast(name: str):
+    from vla.fast import FastConfig
+
+    return None if FAST_PRESETS[name] is None else FastConfig(**FAST_PRESETS[name])
+
+
 def cmd_eval(args) -> int:
     from vla.policies import SpecMismatchError
     from vla.sim.evaluate import evaluate, format_table
@@ -145,6 +151,27 @@ def cmd_bench(args) -> int:
     r = run_bench(args.policy or shipped_policy(), task=args.task, steps=args.steps, threads=args.threads,
                   configs=configs)
     print(json.dumps(r, indent=2) if args.json else format_bench(r))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from vla.policies import Policy
+    from vla.ros_nodes.server import PolicyServer
+
+    key = Path(args.curve_secret_key_file).read_text().strip().encode() if args.curve_secret_key_file else None
+    policy = Policy.from_pretrained(args.policy or shipped_policy(), fast=_fast(args.fast))
+    try:
+        server = PolicyServer(policy, args.bind, curve_secret_key=key)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {args.policy or shipped_policy()} on {server.address} (Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
     return 0
 
 
@@ -209,6 +236,13 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--configs", default=None, help="';'-separated subset of the configurations")
     bp.add_argument("--json", action="store_true")
     bp.set_defaults(func=cmd_bench)
+
+    sv = sub.add_parser("serve", help="serve a policy over zmq (msgpack request/reply)")
+    sv.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
+    sv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="loopback unless CURVE keys are given")
+    sv.add_argument("--curve-secret-key-file", default=None, help="Z85 CURVE secret key (required off loopback)")
+    sv.add_argument("--fast", choices=list(FAST_PRESETS), default="on")
+    sv.set_defaults(func=cmd_serve)
 
     t = sub.add_parser("train", help="train a policy from a YAML recipe (torchrun for many processes)")
     t.add_argument("recipe")
