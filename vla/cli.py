@@ -175,6 +175,26 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    """The shipped policy (or --policy) drives the simulated arm through real ROS2."""
+    try:
+        from vla.ros_nodes.run import format_run, node_parameters, run
+    except ImportError as e:
+        print(f"error: ROS2 is not installed ({e}); pip install -e '.[ros]'", file=sys.stderr)
+        return 2
+    params = node_parameters(args.params)
+    if args.policy:
+        params["policy"] = args.policy
+    if args.fast:
+        params["fast"] = args.fast
+    params = {k: v for k, v in params.items() if v != ""}
+    r = run(args.tasks, episodes=args.episodes, seed=args.seed, params=params, domain_id=args.domain_id)
+    print(format_run(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0
+
+
 def _format_bench(r: dict) -> str:
     lines = [f"physics step (0.1 s of sim, {r['substeps']} substeps): {r['step_ms']:.3f} ms median"]
     for size, ms in r["render_ms"].items():
@@ -243,6 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     sv.add_argument("--curve-secret-key-file", default=None, help="Z85 CURVE secret key (required off loopback)")
     sv.add_argument("--fast", choices=list(FAST_PRESETS), default="on")
     sv.set_defaults(func=cmd_serve)
+
+    r = sub.add_parser("run", help="the policy drives the simulated arm through real ROS2 nodes")
+    r.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
+    r.add_argument("--tasks", type=_tasks, default="all")
+    r.add_argument("--episodes", type=int, default=1, help="episodes per task")
+    r.add_argument("--seed", type=int, default=1_000_000)
+    r.add_argument("--params", default=None, help="policy node YAML (default: configs/policy_node.yaml)")
+    r.add_argument("--fast", choices=list(FAST_PRESETS), default=None)
+    r.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID for this run")
+    r.add_argument("--json", default=None, help="also write the results here")
+    r.set_defaults(func=cmd_run)
 
     t = sub.add_parser("train", help="train a policy from a YAML recipe (torchrun for many processes)")
     t.add_argument("recipe")

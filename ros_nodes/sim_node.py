@@ -1,0 +1,105 @@
+"""A `sim/` task exposed as a ROS2 robot: it runs in real time like a robot driver.
+
+Every control period of the sim (0.1 s) it applies the latest command (JointTrajectory or
+Float64MultiArray, as the policy node sends them), steps the physics, and publishes one
+sensor_msgs/Image per camera (rgb8) and the sensor_msgs/JointState, stamped with the time of
+the frame. The instruction goes out latched on a String topic at every episode start; when an
+episode ends (success or time limit) a JSON String on `~/episode` reports it and the next seed starts.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from rclpy.node import Node
+from rclpy.qos import qos_profile_sensor_data
+from sensor_msgs.msg import Image, JointState
+from std_msgs.msg import Float64MultiArray, String
+from trajectory_msgs.msg import JointTrajectory
+
+from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS
+
+
+class SimRobotNode(Node):
+    def __init__(self, task: str = "pick_cube", seed: int = 1_000_000, episodes: int = 1, image_size: int = 96,
+                 cameras=("front", "wrist"), image_topic_prefix: str = "/camera", command_topic: str = "/command",
+                 command_type: str = "trajectory", joint_names=DEFAULT_JOINTS, instruction_topic: str = "/instruction"):
+        super().__init__("vla_sim_robot")
+        from vla.sim import make_env
+        from vla.sim.env import CONTROL_HZ
+
+        self.env = make_env(task, image_size=image_size, cameras=tuple(cameras))
+        self.cameras, self.joint_names = list(cameras), list(joint_names)
+        self.seed, self.episodes_left = seed, episodes
+        self.results: list[dict] = []
+        self.command: np.ndarray | None = None
+        self.rejected = 0
+        self.image_pubs = {c: self.create_publisher(Image, f"{image_topic_prefix}/{c}/image_raw", qos_profile_sensor_data)
+                           for c in self.cameras}
+        self.joint_pub = self.create_publisher(JointState, "/joint_states", qos_profile_sensor_data)
+        self.instruction_pub = self.create_publisher(String, instruction_topic, LATCHED_QOS)
+        self.episode_pub = self.create_publisher(String, "~/episode", COMMAND_QOS)
+        if command_type == "trajectory":
+            self.create_subscription(JointTrajectory, command_topic, self._on_trajectory, COMMAND_QOS)
+        else:
+            self.create_subscription(Float64MultiArray, command_topic, self._on_array, COMMAND_QOS)
+        self.done = False
+        self._start_episode()
+        self.timer = self.create_timer(1.0 / CONTROL_HZ, self._tick)
+
+    def _start_episode(self) -> None:
+        self.obs, _ = self.env.reset(seed=self.seed)
+        self.command = None
+        self.instruction_pub.publish(String(data=self.env.instruction))
+        self._publish(self.obs)
+
+    def _set_command(self, values) -> None:
+        cmd = np.asarray(values, dtype=np.float64)
+        if cmd.shape != (len(self.joint_names),) or not np.all(np.isfinite(cmd)):
+            self.rejected += 1
+            return
+        self.command = cmd
+
+    def _on_trajectory(self, msg: JointTrajectory) -> None:
+        if not msg.points or list(msg.joint_names) != self.joint_names:
+            self.rejected += 1
+            return
+        self._set_command(msg.points[0].positions)
+
+    def _on_array(self, msg: Float64MultiArray) -> None:
+        self._set_command(msg.data)
+
+    def _publish(self, obs: dict) -> None:
+        stamp = self.get_clock().now().to_msg()
+        for cam, pub in self.image_pubs.items():
+            img = obs[f"observation.images.{cam}"]
+            msg = Image(height=img.shape[0], width=img.shape[1], encoding="rgb8", step=img.shape[1] * 3,
+                        data=img.tobytes())
+            msg.header.stamp, msg.header.frame_id = stamp, cam
+            pub.publish(msg)
+        js = JointState(name=self.joint_names, position=[float(x) for x in obs["observation.state"]])
+        js.header.stamp = stamp
+        self.joint_pub.publish(js)
+
+    def _tick(self) -> None:
+        if self.done:
+            return
+        action = self.command if self.command is not None else self.obs["observation.state"]
+        self.obs, _, terminated, truncated, info = self.env.step(np.asarray(action, dtype=np.float32))
+        self._publish(self.obs)
+        if terminated or truncated:
+            result = {"task": self.env.task.name, "seed": self.seed, "success": bool(info["success"]),
+                      "steps": self.env.steps, "instruction": self.env.instruction}
+            self.results.append(result)
+            self.episode_pub.publish(String(data=json.dumps(result)))
+            self.episodes_left -= 1
+            self.seed += 1
+            if self.episodes_left <= 0:
+                self.done = True
+            else:
+                self._start_episode()
+
+    def destroy_node(self):
+        self.env.close()
+        return super().destroy_node()
