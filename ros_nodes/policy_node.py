@@ -48,7 +48,7 @@ def image_to_array(msg: Image, size: int) -> np.ndarray:
         raise ValueError(f"size {msg.width}x{msg.height} (expected {size}x{size})")
     if msg.step != msg.width * 3 or len(msg.data) != msg.height * msg.step:
         raise ValueError(f"data of {len(msg.data)} bytes with step {msg.step} for {msg.width}x{msg.height} rgb")
-    img = np.frombuffer(bytes(msg.data), dtype=np.uint8).reshape(size, size, 3)
+    img = np.frombuffer(msg.data, dtype=np.uint8).reshape(size, size, 3)
     return img[..., ::-1].copy() if msg.encoding == "bgr8" else img.copy()
 
 
@@ -65,7 +65,7 @@ class PolicyNode(Node):
             ("command_topic", "/command"), ("command_type", "trajectory"), ("joint_names", DEFAULT_JOINTS),
             ("joint_lower", DEFAULT_LOWER), ("joint_upper", DEFAULT_UPPER), ("max_step", 0.05),
             ("control_rate", 50.0), ("watchdog_timeout", 0.5), ("blend_s", 0.2), ("status_topic", "/vla/status"),
-            ("status_rate", 2.0), ("estop_topic", "/vla/estop"),
+            ("status_rate", 2.0), ("estop_topic", "/vla/estop"), ("replan_period", 0.4),
         ])
         for name, value in overrides.items():
             self.set_parameters([rclpy.parameter.Parameter(name, value=value)])
@@ -81,6 +81,7 @@ class PolicyNode(Node):
             raise ValueError(f"command_type must be trajectory or float64_array, got {g('command_type')!r}")
         self.command_type = g("command_type")
         self.period = 1.0 / g("control_rate")
+        self.replan_period = g("replan_period")
         self.watchdog = g("watchdog_timeout")
         self.safety = SafetyFilter(g("joint_lower"), g("joint_upper"), g("max_step"))
         self.player = ChunkPlayer(spec.get("fps", 10), g("blend_s"))
@@ -123,16 +124,31 @@ class PolicyNode(Node):
         self._infer_thread = threading.Thread(target=self._infer_loop, name="vla-inference", daemon=True)
         self._infer_thread.start()
 
-    @staticmethod
-    def _load_policy(path: str, remote: str, fast: str):
-        if remote:
-            from vla.ros_nodes.server import PolicyClient
+    def _load_policy(self, path: str, remote: str, fast: str):
+        """A client of `remote`, or of an inference server this node starts in a child process: the
+        model runs outside this process, so its many small torch calls never hold this process's
+        GIL against the control timer."""
+        from vla.ros_nodes.server import PolicyClient
 
-            return PolicyClient(remote)
-        from vla.cli import _fast, shipped_policy
-        from vla.policies import Policy
+        self._server = None
+        if not remote:
+            import subprocess
+            import sys
+            import tempfile
+            import uuid
 
-        return Policy.from_pretrained(path or shipped_policy(), fast=_fast(fast))
+            remote = f"ipc://{tempfile.gettempdir()}/vla-policy-{uuid.uuid4().hex[:12]}"
+            cmd = [sys.executable, "-m", "vla.cli", "serve", "--bind", remote, "--fast", fast]
+            self._server = subprocess.Popen(cmd + (["--policy", path] if path else []))
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                return PolicyClient(remote, timeout_ms=2000)
+            except TimeoutError:
+                if self._server is not None and self._server.poll() is not None:
+                    raise RuntimeError(f"the inference server exited with {self._server.returncode}") from None
+                if time.monotonic() > deadline:
+                    raise
 
     def now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -202,20 +218,25 @@ class PolicyNode(Node):
 
     # --- inference, off the control timer ---
     def _infer_loop(self) -> None:
-        seen = -1
+        seen, last_start = -1, -float("inf")
         while self._running:
+            wait = last_start + self.replan_period - time.monotonic()
+            if wait > 0:  # re-plan at a fixed period: the chunk covers the time between
+                time.sleep(wait)
             with self.lock:
                 self._new_obs.wait_for(lambda: self._obs_version != seen or not self._running, timeout=0.5)
                 if not self._running:
                     return
-                now = self.now()
-                if self._obs_version == seen or self.estop or self.instruction is None or not self._fresh(now):
+                if self._obs_version == seen:
                     continue
-                seen = self._obs_version
+                seen = self._obs_version  # not ready below: wait for the next observation, do not spin
+                if self.estop or self.instruction is None or not self._fresh(self.now()):
+                    continue
                 obs = {f"observation.images.{c}": self.images[c][0] for c in self.cameras}
                 obs["observation.state"] = self.joints[0].astype(np.float32)
                 obs["task"] = self.instruction
                 t_obs = min(self.images[c][1] for c in self.cameras)
+            last_start = time.monotonic()
             t0 = time.perf_counter()
             try:
                 chunk = np.asarray(self.policy.act_chunk(obs), dtype=np.float64)
@@ -291,4 +312,10 @@ class PolicyNode(Node):
         with self.lock:
             self._new_obs.notify_all()
         self._infer_thread.join(2)
+        if getattr(self, "_server", None) is not None:
+            self._server.terminate()
+            try:
+                self._server.wait(10)
+            except Exception:
+                self._server.kill()
         return super().destroy_node()

@@ -9,6 +9,7 @@ episode ends (success or time limit) a JSON String on `~/episode` reports it and
 
 from __future__ import annotations
 
+import array
 import json
 
 import numpy as np
@@ -75,7 +76,7 @@ class SimRobotNode(Node):
         for cam, pub in self.image_pubs.items():
             img = obs[f"observation.images.{cam}"]
             msg = Image(height=img.shape[0], width=img.shape[1], encoding="rgb8", step=img.shape[1] * 3,
-                        data=img.tobytes())
+                        data=array.array("B", img.tobytes()))  # array.array: no per-byte checks in rclpy
             msg.header.stamp, msg.header.frame_id = stamp, cam
             pub.publish(msg)
         js = JointState(name=self.joint_names, position=[float(x) for x in obs["observation.state"]])

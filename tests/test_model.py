@@ -319,3 +319,15 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
         runs[n] = [float(row.split(",")[1]) for row in rows]
     assert len(runs[1]) == 3
     assert np.allclose(runs[1], runs[2], rtol=1e-4, atol=1e-5), runs
+
+
+def test_batches_oversample_a_pool_deterministically():
+    from vla.train import Batches
+
+    pool = np.concatenate([np.arange(10), [0, 1] * 3])  # frames 0 and 1 four times per epoch
+    a = Batches(10, 4, seed=0, pool=pool)
+    epoch = np.concatenate([a.next() for _ in range(4)])
+    assert sorted(epoch.tolist()) == sorted(pool.tolist())
+    b = Batches(10, 4, seed=0, pool=pool)
+    b.load(a.state())
+    assert np.array_equal(a.next(), b.next())  # resume continues the same order

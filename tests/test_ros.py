@@ -1,6 +1,7 @@
 """The ROS2 policy node as real rclpy nodes on a private ROS_DOMAIN_ID: a test robot node publishes
 camera images and joint states and listens to the commands. Rates are checked with wide margins."""
 
+import array
 import json
 import os
 import threading
@@ -11,7 +12,7 @@ import pytest
 
 rclpy = pytest.importorskip("rclpy")
 
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import qos_profile_sensor_data  # noqa: E402
 from sensor_msgs.msg import Image, JointState  # noqa: E402
@@ -53,7 +54,7 @@ class Robot(Node):
     def image(self, encoding="rgb8", size=None):
         s = size or self.size
         msg = Image(height=s, width=s, encoding=encoding, step=s * 3,
-                    data=self.rng.integers(0, 255, s * s * 3, dtype=np.uint8).tobytes())
+                    data=array.array("B", self.rng.integers(0, 255, s * s * 3, dtype=np.uint8).tobytes()))
         msg.header.stamp = self.get_clock().now().to_msg()
         return msg
 
@@ -79,7 +80,7 @@ def graph():
     rclpy.init()
     node = PolicyNode(joint_upper=UPPER, max_step=0.05, watchdog_timeout=0.4, status_rate=10.0)
     robot = Robot(node.size)
-    executor = MultiThreadedExecutor(num_threads=4)
+    executor = SingleThreadedExecutor()  # callbacks are sub-ms; rclpy's multi-threaded executor adds jitter
     executor.add_node(node)
     executor.add_node(robot)
     thread = threading.Thread(target=executor.spin, daemon=True)

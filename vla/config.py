@@ -99,6 +99,10 @@ class TrainConfig:
     eval_every: int = 0  # >0: sim success on a few episodes per task every that many steps
     eval_episodes: int = 2
     augment: bool = True
+    early_frames: int = 0  # >0: the first early_frames frames of every episode are drawn early_repeat times
+    early_repeat: int = 1  # as often per epoch (where the instruction decides what to do; later frames
+    #                        can be told from the arm's own motion, and would drown out the instruction)
+    init: str | None = None  # start from this artifact's weights (same model config and dataset)
     threads: int = 0  # torch threads on CPU; 0 keeps torch's default
 
     @classmethod

@@ -57,7 +57,11 @@ class Batches:
     """Deterministic data order: epoch e is a permutation seeded by (seed, e); rank r of w takes
     every w-th index. The position (epoch, pos) is saved in checkpoints."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 pool: np.ndarray | None = None):
+        """`pool`: the sample indices of one epoch (with repeats for oversampling); default range(n)."""
+        self.pool = np.arange(n) if pool is None else np.asarray(pool)
+        n = len(self.pool)
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size // world, seed, rank, world
         if self.bs < 1:
             raise ValueError(f"batch_size {batch_size} is smaller than the number of processes {world}")
@@ -73,7 +77,7 @@ class Batches:
         if self.pos + self.bs > len(self.order):
             self.epoch, self.pos = self.epoch + 1, 0
             self._perm()
-        idx = self.order[self.pos:self.pos + self.bs]
+        idx = self.pool[self.order[self.pos:self.pos + self.bs]]
         self.pos += self.bs
         return idx
 
@@ -153,6 +157,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         tokenizer = build_tokenizer(self.ds.meta.tasks.values()) if not model_cfg.backbone.pretrained else None
         self.model = VLA.build(model_cfg, tokenizer).to(self.device)
+        if cfg.init:
+            self._init_from(cfg.init)
         n_tasks = max(self.ds.meta.tasks) + 1
         self.task_ids, self.task_mask = self.model.backbone.tokenize(
             [self.ds.meta.tasks.get(i, "") for i in range(n_tasks)], self.device)
@@ -168,8 +174,26 @@ class Trainer:
                                      betas=(0.9, 0.95))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.ema = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        self.batches = Batches(len(self.ds), cfg.batch_size, cfg.seed, self.rank, self.world)
+        pool = None
+        if cfg.early_frames > 0 and cfg.early_repeat > 1:
+            early = np.flatnonzero(self.ds.frame_index < cfg.early_frames)
+            pool = np.concatenate([np.arange(len(self.ds))] + [early] * (cfg.early_repeat - 1))
+        self.batches = Batches(len(self.ds), cfg.batch_size, cfg.seed, self.rank, self.world, pool)
         self.step = 0
+
+    def _init_from(self, path: str) -> None:
+        from safetensors.torch import load_file
+
+        from vla.artifact import ArtifactError
+
+        weights = Path(path) / "model.safetensors"
+        if not weights.is_file():
+            raise ArtifactError(f"train.init: {weights} does not exist")
+        missing, unexpected = self.model.load_state_dict(load_file(str(weights), device=str(self.device)),
+                                                         strict=False)
+        if missing or unexpected:
+            raise ArtifactError(f"train.init: {path} does not fit this model config "
+                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     # --- one optimisation step ---
     def make_batch(self, idx: np.ndarray) -> dict:
