@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine: EGL/OSMesa for MuJoCo's offscreen rendering, a virtual
 # environment in .venv, torch's CPU build (pinned: an unpinned torch pulls a multi-GB CUDA build),
-# and this package with its dev tools. Safe to run again.
+# and this package with its dev tools and the ROS2 wheels (rclpy 9). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,5 +14,5 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -m pip install -q torch==2.13.0 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install -q -e ".[dev]" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, mujoco, vla.sim; print('setup ok: torch', torch.__version__, 'mujoco', mujoco.__version__)"
+.venv/bin/python -m pip install -q -e ".[dev,ros]" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, mujoco, rclpy, zmq, vla.sim; print('setup ok: torch', torch.__version__, 'mujoco', mujoco.__version__)"

@@ -294,6 +294,10 @@ def test_recipe_overrides_and_unknown_keys(tmp_path):
     path.write_text(yaml.safe_dump({"model": TINY, "train": {"steps": 10}}))
     model_cfg, cfg = load_recipe(path, ["train.steps=20", "model.head.type=flow"])
     assert cfg.steps == 20 and model_cfg.head.type == "flow"
+    _, cfg = load_recipe(path, ["train.lr=2e-4"])  # YAML's string "2e-4" becomes the float
+    assert cfg.lr == 2e-4
+    with pytest.raises(ValueError, match="train.lr must be a number"):
+        load_recipe(path, ["train.lr=fast"])
     with pytest.raises(ValueError, match="unknown head config keys"):
         load_recipe(path, ["model.head.depth=3"])
 

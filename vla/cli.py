@@ -187,6 +187,8 @@ def cmd_run(args) -> int:
         params["policy"] = args.policy
     if args.fast:
         params["fast"] = args.fast
+    if args.remote:
+        params["remote"] = args.remote
     params = {k: v for k, v in params.items() if v != ""}
     r = run(args.tasks, episodes=args.episodes, seed=args.seed, params=params, domain_id=args.domain_id)
     print(format_run(r))
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seed", type=int, default=1_000_000)
     r.add_argument("--params", default=None, help="policy node YAML (default: configs/policy_node.yaml)")
     r.add_argument("--fast", choices=list(FAST_PRESETS), default=None)
+    r.add_argument("--remote", default=None, help="use a running `vla serve` (tcp://host:port) for inference")
     r.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID for this run")
     r.add_argument("--json", default=None, help="also write the results here")
     r.set_defaults(func=cmd_run)

@@ -115,6 +115,13 @@ def _build(cls, d: dict, where: str):
     unknown = set(d) - names
     if unknown:
         raise ValueError(f"unknown {where} config keys: {sorted(unknown)}")
+    d = dict(d)
+    for f in dataclasses.fields(cls):  # YAML reads 2e-4 (no dot) as a string: take it as the float it is
+        if isinstance(d.get(f.name), str) and str(f.type).startswith("float"):
+            try:
+                d[f.name] = float(d[f.name])
+            except ValueError:
+                raise ValueError(f"{where}.{f.name} must be a number, got {d[f.name]!r}") from None
     return cls(**d)
 
 

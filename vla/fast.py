@@ -168,6 +168,7 @@ class FastVLA:
             self.encode = torch.compile(self._encode, mode=mode, dynamic=False)
             self.denoise = torch.compile(self._denoise, mode=mode, dynamic=False)
         self.timings: dict[str, float] | None = None  # set to {} to have step() record its stages (s)
+        self._warm = False
         self.reset()
 
     # --- once per model ---
@@ -351,9 +352,28 @@ class FastVLA:
         return [all_tokens if too_many[c] else partial[c] for c in range(self.n_cam)]
 
     @torch.no_grad()
+    def warmup(self, images: torch.Tensor, text: str, state: torch.Tensor, noise: torch.Tensor) -> None:
+        """Runs every static shape the step can take once (with compile: compiles them all now, not
+        in the middle of an episode), then forgets the caches."""
+        import itertools
+
+        self.set_instruction(text)
+        x = self.preprocess(images.to(self.device))
+        state_token = self.model.state_proj(state.to(self.device)[None])
+        full = torch.arange(self.tokens, device=self.device)
+        sizes = [self.tokens, self.tokens - int(self.cfg.reuse_max * self.tokens)] if self.cfg.reuse else [self.tokens]
+        for combo in itertools.product(sizes, repeat=self.n_cam):
+            mask = self.encode(x, [full[:n] for n in combo], state_token)
+        self.denoise(noise.to(self.device), mask)
+        self.set_instruction(text)
+        self._warm = True
+
+    @torch.no_grad()
     def step(self, images: torch.Tensor, text: str, state: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """images (n_cam, 3, S, S) in [0, 1]; state normalized (state_dim,); noise (1, H, A).
         Returns the normalized chunk (1, H, A)."""
+        if self.cfg.compile and not self._warm:
+            self.warmup(images, text, state, noise)
         if text != self.instruction:
             self.set_instruction(text)
         clock = _Clock(self.timings, self.device)
