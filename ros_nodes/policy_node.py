@@ -101,6 +101,7 @@ class PolicyNode(Node):
         self._last_tick: float | None = None
         self._pending_latency: float | None = None
         self._obs_version = 0
+        self._reset_pending = True
         self._new_obs = threading.Condition(self.lock)
 
         sensors = ReentrantCallbackGroup()
@@ -195,7 +196,7 @@ class PolicyNode(Node):
             self.player = ChunkPlayer(self.player.fps, self.player.blend_s)
             self.safety.last = None
             self.joints = None
-            self.policy.reset(0)
+            self._reset_pending = True  # the inference thread resets the policy before its next call
 
     def _set_estop(self, on: bool) -> None:
         with self.lock:
@@ -236,9 +237,12 @@ class PolicyNode(Node):
                 obs["observation.state"] = self.joints[0].astype(np.float32)
                 obs["task"] = self.instruction
                 t_obs = min(self.images[c][1] for c in self.cameras)
+                reset, self._reset_pending = self._reset_pending, False
             last_start = time.monotonic()
             t0 = time.perf_counter()
             try:
+                if reset:
+                    self.policy.reset(0)
                 chunk = np.asarray(self.policy.act_chunk(obs), dtype=np.float64)
             except Exception as e:  # a bad model call or a lost server: keep running, hold on the watchdog
                 self._reject("inference", f"{type(e).__name__}: {e}")

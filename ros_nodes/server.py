@@ -11,6 +11,7 @@ Loopback by default; binding any other address requires CURVE keys.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import msgpack
@@ -165,6 +166,7 @@ class PolicyClient:
                  curve_server_key: bytes | None = None):
         self.ctx = zmq.Context.instance()
         self.address, self.timeout_ms, self.curve_server_key = address, timeout_ms, curve_server_key
+        self._lock = threading.Lock()  # a zmq socket is not thread-safe: one request at a time
         self._connect()
         reply = self._call({"cmd": "hello"})
         self.spec = reply["spec"]
@@ -181,7 +183,10 @@ class PolicyClient:
         self.sock.connect(self.address)
 
     def _call(self, msg: dict) -> dict:
-        msg = {"v": PROTOCOL_VERSION, **msg}
+        with self._lock:
+            return self._call_locked({"v": PROTOCOL_VERSION, **msg})
+
+    def _call_locked(self, msg: dict) -> dict:
         try:
             self.sock.send(encode(msg))
             reply = decode(self.sock.recv())
