@@ -42,7 +42,11 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
         os.environ["ROS_DOMAIN_ID"] = str(domain_id)
     rclpy.init()
     results, statuses = [], []
-    usage0, wall0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    def cpu_s():  # this process and its finished children (the policy node's inference server)
+        u, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return u.ru_utime + u.ru_stime + c.ru_utime + c.ru_stime
+
+    cpu0, wall0 = cpu_s(), time.perf_counter()
     node = PolicyNode(policy=policy, **params)
     try:
         spec = node.policy.spec
@@ -67,8 +71,8 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
     finally:
         node.destroy_node()
         rclpy.shutdown()
-    usage1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - wall0
-    cpu = (usage1.ru_utime - usage0.ru_utime + usage1.ru_stime - usage0.ru_stime) / wall
+    wall = time.perf_counter() - wall0
+    cpu = (cpu_s() - cpu0) / wall
     final = statuses[-1] if statuses else {}
     return {"episodes": results, "success_rate": sum(r["success"] for r in results) / max(1, len(results)),
             "status": final, "wall_s": wall, "cpu_cores_used": cpu}
