@@ -110,15 +110,23 @@ class Policy:
             self._text_cache[task] = self.model.backbone.tokenize([task], self.device)
         return self._text_cache[task]
 
-    @torch.no_grad()
-    def act_chunk(self, obs: dict) -> np.ndarray:
-        """A chunk (horizon x action_dim) of raw actions for this observation."""
-        self._check(obs)
+    def prepare(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A checked observation -> images (1, n_cam, 3, S, S) in [0, 1] and normalized state (1, state_dim)."""
         images = torch.stack([torch.from_numpy(np.ascontiguousarray(obs[f"observation.images.{c}"]))
                               for c in self.cameras])[None].to(self.device)
         images = images.permute(0, 1, 4, 2, 3).float() / 255.0
         state = self.norm.state(torch.as_tensor(np.asarray(obs["observation.state"], dtype=np.float32),
                                                 device=self.device)[None])
+        return images, state
+
+    def act_chunk(self, obs: dict) -> np.ndarray:
+        """A chunk (horizon x action_dim) of raw actions for this observation."""
+        self._check(obs)
+        return self._chunk(obs)
+
+    @torch.no_grad()
+    def _chunk(self, obs: dict) -> np.ndarray:
+        images, state = self.prepare(obs)
         noise = torch.randn((1, self.horizon, self._spec["action_dim"]), generator=self.generator).to(self.device)
         if self.engine is not None:
             chunk = self.engine.step(images[0], obs["task"], state[0], noise)
@@ -131,9 +139,9 @@ class Policy:
         self._check(obs)  # also when the action comes from the queue: bad input is refused every step
         if self.ensemble == "queue":
             if not self.queue:
-                self.queue.extend(self.act_chunk(obs)[: self.n_action_steps])
+                self.queue.extend(self._chunk(obs)[: self.n_action_steps])
             return self.queue.popleft()
-        self.history.append(self.act_chunk(obs))
+        self.history.append(self._chunk(obs))
         # the prediction for "now" of the chunk made i steps ago is its row i
         n = len(self.history)
         preds = np.stack([c[n - 1 - j] for j, c in enumerate(self.history)])  # oldest first

@@ -58,11 +58,12 @@ def _worker(job):
 
     policy_path, task, seeds, record_seeds, threads, ensemble, fast = job
     torch.set_num_threads(threads)
-    policy = Policy.from_pretrained(policy_path, ensemble=ensemble, fast=_fast_config(fast))
+    policy = Policy.from_pretrained(policy_path, ensemble=ensemble, fast=fast_config(fast))
     return _rollouts(policy, task, seeds, record_seeds, make_env)
 
 
-def _fast_config(fast: dict | None):
+def fast_config(fast: dict | None):
+    """FastConfig keyword arguments (picklable, for worker processes) -> a FastConfig, or None."""
     if fast is None:
         return None
     from vla.fast import FastConfig
@@ -120,7 +121,7 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
         if isinstance(policy, (str, Path)):
             from vla.policies import Policy
 
-            policy = Policy.from_pretrained(policy, ensemble=ensemble, fast=_fast_config(fast))
+            policy = Policy.from_pretrained(policy, ensemble=ensemble, fast=fast_config(fast))
         for t in tasks:
             for s in seeds:
                 results.extend(_rollouts(policy, t, [s], record, make_env))

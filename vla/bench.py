@@ -14,7 +14,7 @@ import time
 import numpy as np
 import torch
 
-from vla.fast import FastConfig, FastVLA
+from vla.fast import FastConfig, FastVLA, visual_tokens_per_camera
 
 CONFIGS = {
     "plain, no prefix cache": None,  # the backbone re-runs at every denoising step
@@ -58,10 +58,8 @@ def record_rollout(policy, task: str, steps: int, seed: int) -> list[dict]:
 
 
 def _inputs(policy, obs):
-    images = torch.stack([torch.from_numpy(np.ascontiguousarray(obs[f"observation.images.{c}"]))
-                          for c in policy.cameras]).permute(0, 3, 1, 2).float() / 255.0
-    state = policy.norm.state(torch.as_tensor(np.asarray(obs["observation.state"], dtype=np.float32))[None])[0]
-    return images, state
+    images, state = policy.prepare(obs)
+    return images[0], state[0]
 
 
 def _plain_step(model, images, ids, mask, state, noise, cache_prefix: bool, timings: dict):
@@ -110,7 +108,6 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     inputs = [_inputs(policy, o) for o in frames]
     text = frames[0]["task"]
     ids, mask = model.backbone.tokenize([text])
-    tokens = None
     result = {"policy": str(policy_dir), "task": task, "frames": steps, "threads": threads,
               "torch": torch.__version__, "configs": {}}
     reference = None
@@ -119,8 +116,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
         if name == "plain, no prefix cache" and model.cfg.head.type != "diffusion":
             continue  # that loop is written for the DDIM sampler
         if cfg == "prune":
-            tokens = tokens or FastVLA(model).tokens
-            cfg = FastConfig(prune_keep=max(1, tokens // 2))
+            cfg = FastConfig(prune_keep=max(1, visual_tokens_per_camera(model) // 2))
         engine = FastVLA(model, cfg) if cfg is not None else None
         stages = {k: [] for k in ("preprocess", "backbone", "head", "total")}
         outs = []

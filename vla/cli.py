@@ -116,9 +116,9 @@ FAST_PRESETS = {"off": None, "on": {}, "reuse": {"reuse": True}, "prune": {"prun
 
 
 def _fast(name: str):
-    from vla.fast import FastConfig
+    from vla.sim.evaluate import fast_config
 
-    return None if FAST_PRESETS[name] is None else FastConfig(**FAST_PRESETS[name])
+    return fast_config(FAST_PRESETS[name])
 
 
 def cmd_eval(args) -> int:
@@ -159,13 +159,14 @@ def cmd_serve(args) -> int:
     from vla.ros_nodes.server import PolicyServer
 
     key = Path(args.curve_secret_key_file).read_text().strip().encode() if args.curve_secret_key_file else None
-    policy = Policy.from_pretrained(args.policy or shipped_policy(), fast=_fast(args.fast))
+    path = args.policy or shipped_policy()
+    policy = Policy.from_pretrained(path, fast=_fast(args.fast))
     try:
         server = PolicyServer(policy, args.bind, curve_secret_key=key)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {args.policy or shipped_policy()} on {server.address} (Ctrl-C stops)", flush=True)
+    print(f"serving {path} on {server.address} (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -113,6 +113,12 @@ AttentionInterface.register(ATTN_NAME, _slot_attention)
 AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
+def visual_tokens_per_camera(model: VLA) -> int:
+    """Tokens one camera contributes to the prefix: patches / pixel-shuffle scale squared."""
+    vlm = model.backbone.vlm
+    return (model.backbone.vision_size // vlm.config.vision_config.patch_size) ** 2 // vlm.config.scale_factor ** 2
+
+
 def shuffle_groups(side: int, scale: int) -> torch.Tensor:
     """(tokens, scale**2): the patches pixel shuffle concatenates into each token, in channel order."""
     from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
@@ -134,7 +140,7 @@ class FastVLA:
         self.scale = vlm.config.scale_factor
         self.side = bb.vision_size // self.patch
         self.n_patch = self.side * self.side
-        self.tokens = self.n_patch // self.scale ** 2  # visual tokens per camera
+        self.tokens = visual_tokens_per_camera(model)
         self.text_len = bb.cfg.max_text_tokens
         self.prefix = self.text_len + self.n_cam * self.tokens + 1
         self.groups = shuffle_groups(self.side, self.scale).to(self.device)
@@ -214,8 +220,7 @@ class FastVLA:
         self.key_valid[:, : self.text_len] = mask
         self.film = None
         if bb.film is not None:
-            f = bb.film(bb.instruction_embedding(ids, mask))
-            self.film = f.view(1, len(self.vision_layers), 2, 1, -1)
+            self.film = bb.film_params(bb.instruction_embedding(ids, mask))
         pos = torch.arange(self.text_len, device=self.device)[None]
         h = bb.vlm.get_input_embeddings()(ids)
         self._run_lm(h, pos, self.key_valid)
@@ -329,11 +334,7 @@ class FastVLA:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(n_cam, 3, S, S) in [0, 1] -> normalized at the vision encoder's size."""
-        x = (images - IMAGE_MEAN) / IMAGE_STD
-        size = self.model.backbone.vision_size
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        return x
+        return self.model.backbone.to_encoder_size((images - IMAGE_MEAN) / IMAGE_STD)
 
     def select(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per camera, the tokens to recompute this step: all of them, or (reuse) a fixed number."""

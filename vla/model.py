@@ -91,24 +91,32 @@ class Backbone(nn.Module):
         m = text_mask[..., None].to(emb.dtype)
         return (emb * m).sum(1) / m.sum(1).clamp(min=1)
 
+    def to_encoder_size(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) normalized frames -> the vision encoder's input size."""
+        if x.shape[-1] != self.vision_size:
+            x = F.interpolate(x, size=(self.vision_size, self.vision_size), mode="bilinear",
+                              align_corners=False, antialias=True)
+        return x
+
+    def film_params(self, instruction: torch.Tensor) -> torch.Tensor:
+        """(B, hidden) instruction embedding -> (B, vision layers, 2 (scale, shift), 1, vision hidden)."""
+        vc = self.vlm.config.vision_config
+        return self.film(instruction).view(len(instruction), vc.num_hidden_layers, 2, 1, vc.hidden_size)
+
     def image_tokens(self, images: torch.Tensor, instruction: torch.Tensor | None = None) -> torch.Tensor:
         """images: (B, n_cam, 3, S, S) normalized -> (B, n_cam * tokens_per_image, hidden).
 
         Runs SigLIP's layers directly (every patch is valid: square images of the encoder's size),
         which equals `vision_model(...)` and lets FiLM modulate each layer's input."""
         b, n = images.shape[:2]
-        x = images.flatten(0, 1)
-        if x.shape[-1] != self.vision_size:
-            x = F.interpolate(x, size=(self.vision_size, self.vision_size), mode="bilinear",
-                              align_corners=False, antialias=True)
+        x = self.to_encoder_size(images.flatten(0, 1))
         vm = self.vlm.vision_model
         emb = vm.embeddings
         h = emb.patch_embedding(x).flatten(2).transpose(1, 2)
         h = h + emb.position_embedding.weight[: h.shape[1]]
         film = None
         if self.film is not None and instruction is not None:
-            film = self.film(instruction).repeat_interleave(n, 0).to(h.dtype)
-            film = film.view(film.shape[0], len(vm.encoder.layers), 2, 1, h.shape[-1])
+            film = self.film_params(instruction).repeat_interleave(n, 0).to(h.dtype)
         for i, layer in enumerate(vm.encoder.layers):
             if film is not None:
                 h = h * (1 + film[:, i, 0]) + film[:, i, 1]
