@@ -27,6 +27,7 @@ from vla.sim.tasks import TASKS, resolve_task
 
 EVAL_SEED_START = 1_000_000
 STATE_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]
+KEYPOINT_NAMES = ["target.x", "target.y", "target.z", "goal.x", "goal.y", "goal.z"]
 _ENVS: dict = {}
 
 
@@ -34,6 +35,7 @@ def dataset_features(image_size: int, cameras=CAMERAS) -> dict:
     feats = {f"observation.images.{c}": video_feature(image_size, image_size, CONTROL_HZ) for c in cameras}
     feats["observation.state"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
     feats["action"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
+    feats["observation.environment_state"] = {"dtype": "float32", "shape": [6], "names": KEYPOINT_NAMES}
     return feats
 
 
@@ -53,7 +55,8 @@ def _rollout(job):
         return task, seed, variant, None
     out = {f"observation.images.{c}": np.stack([o[f"observation.images.{c}"] for o, _ in frames])
            for c in cameras}
-    out["observation.state"] = np.stack([o["observation.state"] for o, _ in frames])
+    for key in ("observation.state", "observation.environment_state"):
+        out[key] = np.stack([o[key] for o, _ in frames])
     out["action"] = np.stack([a for _, a in frames])
     return task, seed, variant, (out, frames[0][0]["task"])
 

@@ -32,6 +32,8 @@ class Task:
     name: str = ""
     env_id: str = ""
     max_steps: int = 100
+    target: str = ""  # the body the instruction names
+    goal: str | None = None  # where it goes, for tasks with a separate goal
 
     def bind(self, env) -> None:
         self.env = env
@@ -57,6 +59,14 @@ class Task:
 
     def success(self) -> bool:
         raise NotImplementedError
+
+    def keypoints(self) -> np.ndarray:
+        """Where the instruction sends the arm, for training only (LeRobot's
+        `observation.environment_state`): the named object's xyz, then the goal's xyz (the object
+        again where there is no separate goal). Never given to a policy as input."""
+        target = self.env.body_pos(self.target)
+        goal = self.env.body_pos(self.goal) if self.goal else target
+        return np.concatenate([target, goal]).astype(np.float32)
 
     # helpers
     def released(self) -> bool:
@@ -168,6 +178,11 @@ class PushCube(Task):
     def success(self):
         return self.side * self.env.body_pos(self.target)[1] > self.REGION_Y
 
+    def keypoints(self):
+        target = self.env.body_pos(self.target)
+        goal = np.array([target[0], self.side * (self.REGION_Y + 0.03), target[2]])
+        return np.concatenate([target, goal]).astype(np.float32)
+
 
 class StackCubes(Task):
     name, env_id, max_steps = "stack_cubes", "vla/StackCubes-v0", 150
@@ -207,6 +222,10 @@ class _DrawerTask(Task):
 
     def opening(self) -> float:
         return self.env.joint_q("cabinet")
+
+    def keypoints(self):
+        handle = self.env.data.geom("cabinet_handle").xpos.astype(np.float32)
+        return np.concatenate([handle, handle])
 
 
 class OpenDrawer(_DrawerTask):

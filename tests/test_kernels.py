@@ -1,7 +1,9 @@
-"""Each Triton kernel against its torch reference (under TRITON_INTERPRET=1 on a CPU), on random and
-edge-case shapes; and the dispatch rule (torch on CPU tensors unless forced)."""
+"""Each Triton kernel against its torch reference (under TRITON_INTERPRET=1 on a CPU, compiled on a
+CUDA GPU where one is present and the interpreter is off: `TRITON_INTERPRET=0 pytest tests/test_kernels.py`),
+on random and edge-case shapes; and the dispatch rule (torch on CPU tensors unless forced)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -10,28 +12,32 @@ from vla.kernels import cached_attention, denoise_update, region_change, triton_
 from vla.kernels.attention import cached_attention_ref, update_cache
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+# the interpreter cannot run on CUDA tensors, and compiled Triton needs a GPU
+DEVICES = ["cuda"] if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else ["cpu"]
+TOL = 1e-4 if DEVICES == ["cuda"] else 1e-5  # a GPU sums in another order
 
 
 @needs_triton
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b,hq,hkv,n,p,d", [(1, 4, 2, 9, 45, 32), (2, 2, 2, 1, 7, 16), (3, 4, 1, 5, 64, 24),
                                             (1, 1, 1, 1, 1, 8)])
-def test_cached_attention_matches_reference(b, hq, hkv, n, p, d):
+def test_cached_attention_matches_reference(b, hq, hkv, n, p, d, device):
     g = torch.Generator().manual_seed(p * 7 + n)
-    q = torch.randn(b, hq, n, d, generator=g)
-    k, v = torch.randn(b, hkv, p, d, generator=g), torch.randn(b, hkv, p, d, generator=g)
+    q = torch.randn(b, hq, n, d, generator=g).to(device)
+    k, v = torch.randn(b, hkv, p, d, generator=g).to(device), torch.randn(b, hkv, p, d, generator=g).to(device)
     # queries sit at random positions; each may see keys at or before its own position (causal)
     pos = torch.stack([torch.randperm(p, generator=g)[:n] for _ in range(b)])
-    mask = (torch.arange(p)[None, None, :] <= pos[:, :, None])[:, None]
+    mask = (torch.arange(p)[None, None, :] <= pos[:, :, None])[:, None].to(device)
     scale = 1 / math.sqrt(d)
     ref = cached_attention(q, k, v, mask, scale, force="torch")
     out = cached_attention(q, k, v, mask, scale, force="triton")
-    assert torch.allclose(out, ref, atol=1e-5)
+    assert torch.allclose(out, ref, atol=TOL)
     assert torch.allclose(cached_attention(q, k, v, None, scale, force="triton"),
-                          cached_attention_ref(q, k, v, None, scale), atol=1e-5)
+                          cached_attention_ref(q, k, v, None, scale), atol=TOL)
     # the reference itself equals torch's SDPA
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1), attn_mask=mask)
-    assert torch.allclose(ref, sdpa, atol=1e-5)
+    assert torch.allclose(ref, sdpa, atol=TOL)
 
 
 def test_update_cache_writes_only_the_given_positions():
@@ -43,16 +49,17 @@ def test_update_cache_writes_only_the_given_positions():
 
 
 @needs_triton
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,c,s,region", [(2, 3, 64, 16), (1, 3, 32, 8), (3, 1, 30, 10)])
-def test_region_change_matches_reference(n, c, s, region):
+def test_region_change_matches_reference(n, c, s, region, device):
     g = torch.Generator().manual_seed(s)
-    a = torch.rand(n, c, s, s, generator=g)
+    a = torch.rand(n, c, s, s, generator=g).to(device)
     b = a.clone()
     b[0, :, :region, :region] += 0.5  # only the first token of the first image changes
     ref = region_change(a, b, region, force="torch")
     assert ref.shape == (n, (s // region) ** 2)
-    assert torch.isclose(ref[0, 0], torch.tensor(0.5)) and ref.flatten()[1:].abs().max() < 1e-6
-    b += torch.rand(b.shape, generator=g) * 0.1
+    assert torch.isclose(ref[0, 0].cpu(), torch.tensor(0.5)) and ref.flatten()[1:].abs().max() < 1e-6
+    b += torch.rand(b.shape, generator=g).to(device) * 0.1
     assert torch.allclose(region_change(a, b, region, force="triton"), region_change(a, b, region, force="torch"),
                           atol=1e-6)
 
@@ -63,20 +70,21 @@ def test_region_change_rejects_mismatched_frames():
 
 
 @needs_triton
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("b,h,d,a", [(1, 16, 128, 7), (2, 4, 64, 3), (1, 1, 100, 1)])
-def test_denoise_update_matches_reference(b, h, d, a):
+def test_denoise_update_matches_reference(b, h, d, a, device):
     g = torch.Generator().manual_seed(d + a)
-    hs, x = torch.randn(b, h, d, generator=g), torch.randn(b, h, a, generator=g) * 2
-    ln_w, ln_b = torch.rand(d, generator=g) + 0.5, torch.randn(d, generator=g) * 0.1
-    w, bias = torch.randn(a, d, generator=g) * 0.1, torch.randn(a, generator=g) * 0.1
+    hs, x = torch.randn(b, h, d, generator=g).to(device), torch.randn(b, h, a, generator=g).to(device) * 2
+    ln_w, ln_b = torch.rand(d, generator=g).to(device) + 0.5, torch.randn(d, generator=g).to(device) * 0.1
+    w, bias = torch.randn(a, d, generator=g).to(device) * 0.1, torch.randn(a, generator=g).to(device) * 0.1
     for coef in ([0.6, 0.8, 0.9, 0.43589, 1.0], [0.0, 1.0, 1.0, -0.1, float("inf")]):
-        c = torch.tensor(coef)
+        c = torch.tensor(coef, device=device)
         ref = denoise_update(hs, ln_w, ln_b, w, bias, x, c, force="torch")
         out = denoise_update(hs, ln_w, ln_b, w, bias, x, c, force="triton")
-        assert torch.allclose(out, ref, atol=1e-5)
+        assert torch.allclose(out, ref, atol=TOL)
     # the flow coefficients are a plain Euler step
     eps = torch.nn.functional.linear(torch.nn.functional.layer_norm(hs, (d,), ln_w, ln_b), w, bias)
-    assert torch.allclose(ref, x - 0.1 * eps, atol=1e-5)
+    assert torch.allclose(ref, x - 0.1 * eps, atol=TOL)
 
 
 def test_dispatch_uses_torch_on_cpu_tensors():

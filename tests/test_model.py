@@ -335,3 +335,41 @@ def test_batches_oversample_a_pool_deterministically():
     b = Batches(10, 4, seed=0, pool=pool)
     b.load(a.state())
     assert np.array_equal(a.next(), b.next())  # resume continues the same order
+
+
+def _keypoint_error(trainer, batch) -> float:
+    with torch.no_grad():
+        _, memory = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"], batch["state"],
+                                         return_memory=True)
+        return float((trainer.model.keypoint_head(memory[:, -1]) - batch["keypoints"]).abs().mean())
+
+
+def test_keypoint_head_learns_the_recorded_targets_and_state_dropout_hides_the_state(tiny_dataset, tmp_path):
+    d = json.loads(json.dumps(TINY))
+    d["keypoints"] = 6
+    cfg = VLAConfig.from_dict(d)
+    trainer = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "run", steps=120, lr=2e-3, warmup_steps=5,
+                                     state_dropout=0.5), progress=False)
+    torch.manual_seed(0)
+    idx = np.arange(0, len(trainer.ds), 3)[:8]
+    batch = trainer.make_batch(idx)
+    assert batch["keypoints"].shape == (8, 6) and batch["state_keep"].dtype == torch.bool
+    assert 0 < int(batch["state_keep"].sum()) < 8  # some samples with, some without the state
+    # a dropped state is a zero token, which no real state projects to
+    keep = torch.zeros(8, dtype=torch.bool)
+    a = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"], batch["state"])
+    b = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"], batch["state"] * 0 + 5, keep)
+    c = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"], batch["state"], keep)
+    assert not torch.allclose(a.kv[0][0], c.kv[0][0]) and torch.allclose(b.kv[0][0], c.kv[0][0])
+    before = _keypoint_error(trainer, batch)
+    for _ in range(120):
+        trainer.train_step(trainer.make_batch(idx))
+    after = _keypoint_error(trainer, batch)
+    assert after < 0.3 * before, (before, after)
+
+
+def test_keypoints_need_a_matching_environment_state(tiny_dataset, tmp_path):
+    d = json.loads(json.dumps(TINY))
+    d["keypoints"] = 5  # the dataset records 6
+    with pytest.raises(Exception, match="observation.environment_state"):
+        Trainer(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "run"), progress=False)

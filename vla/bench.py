@@ -27,14 +27,25 @@ CONFIGS = {
 }
 
 
-def matmul_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(n: int = 1024, repeats: int = 20, device: str | torch.device = "cpu") -> float:
+    """Best fp32 n x n matmul rate (on CUDA: n=8192 and TF32 off, so it is fp32, not tensor-core TF32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        n = max(n, 8192)
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     for _ in range(3):
         a @ b
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         a @ b
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n ** 3 / best / 1e9
 
@@ -65,18 +76,23 @@ def _inputs(policy, obs):
 def _plain_step(model, images, ids, mask, state, noise, cache_prefix: bool, timings: dict):
     """The model's own path. Its preprocessing (normalize, resize) happens inside encode, so it
     counts in the backbone here."""
+    device = images.device
     t0 = time.perf_counter()
     if cache_prefix:
         cache = model.encode(images[None], ids, mask, state[None])
+        _sync(device)
         backbone = time.perf_counter() - t0
         out = model.sample(cache, noise=noise)
     else:  # what a loop without the prefix cache pays: the backbone at every denoising step
         backbone, out, sch = 0.0, noise, model.infer_scheduler
         for t in sch.timesteps:
+            _sync(device)
             s = time.perf_counter()
             cache = model.encode(images[None], ids, mask, state[None])
+            _sync(device)
             backbone += time.perf_counter() - s
-            out = sch.step(model.head(out, t.expand(1), cache), t, out).prev_sample
+            out = sch.step(model.head(out, t.expand(1).to(device), cache), t, out).prev_sample
+    _sync(device)
     total = time.perf_counter() - t0
     timings.update(preprocess=0.0, backbone=backbone, head=total - backbone)
     return out
@@ -96,19 +112,26 @@ def backbone_gflop(model, images, ids, mask, state) -> float:
 
 
 def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int = 5, threads: int = 2,
-              configs: list[str] | None = None, seed: int = 1_000_000) -> dict:
+              configs: list[str] | None = None, seed: int = 1_000_000, device: str = "cpu") -> dict:
+    """On CUDA the rollout is recorded on the CPU, then the model and every input move to the GPU;
+    the compiled configurations use CUDA graphs there (torch.compile's reduce-overhead)."""
     from vla.policies import Policy
 
     torch.set_num_threads(threads)
+    device = torch.device(device)
     policy = Policy.from_pretrained(policy_dir)
     model = policy.model
     frames = record_rollout(policy, task, steps + warmup, seed)
     g = torch.Generator().manual_seed(0)
-    noises = [torch.randn(1, policy.horizon, policy.spec["action_dim"], generator=g) for _ in frames]
-    inputs = [_inputs(policy, o) for o in frames]
+    noises = [torch.randn(1, policy.horizon, policy.spec["action_dim"], generator=g).to(device) for _ in frames]
+    inputs = [tuple(t.to(device) for t in _inputs(policy, o)) for o in frames]
+    model.to(device)
+    model.infer_scheduler.set_timesteps(model.cfg.head.inference_steps, device=device) \
+        if model.cfg.head.type == "diffusion" else None
     text = frames[0]["task"]
-    ids, mask = model.backbone.tokenize([text])
+    ids, mask = model.backbone.tokenize([text], device)
     result = {"policy": str(policy_dir), "task": task, "frames": steps, "threads": threads,
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "configs": {}}
     reference = None
     for name in configs or list(CONFIGS):
@@ -117,7 +140,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
             continue  # that loop is written for the DDIM sampler
         if cfg == "prune":
             cfg = FastConfig(prune_keep=max(1, visual_tokens_per_camera(model) // 2))
-        engine = FastVLA(model, cfg) if cfg is not None else None
+        engine = FastVLA(model, cfg, device) if cfg is not None else None
         stages = {k: [] for k in ("preprocess", "backbone", "head", "total")}
         outs = []
         t_compile = time.perf_counter()
@@ -130,6 +153,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
                 else:
                     engine.timings = timings
                     out = engine.step(images, text, state, noise)
+                _sync(device)
                 total = time.perf_counter() - t0
                 if i == warmup - 1:
                     t_compile = time.perf_counter() - t_compile
@@ -151,7 +175,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     base = next(iter(result["configs"].values()))  # ratios against the first configuration run
     for entry in result["configs"].values():
         entry["speedup_vs_first"] = base["total"]["median_ms"] / entry["total"]["median_ms"]
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(device=device)
     gflop = backbone_gflop(model, *inputs[0][:1], ids, mask, inputs[0][1])
     result["matmul_peak_gflops"] = peak
     result["backbone_gflop_per_step"] = gflop
@@ -164,7 +188,8 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
 def format_bench(r: dict) -> str:
     head = (f"{'configuration':34s} {'preproc':>9s} {'backbone':>17s} {'head':>17s} {'total':>17s} "
             f"{'speedup':>7s} {'peak%':>6s}")
-    lines = [f"policy {r['policy']}  task {r['task']}  {r['frames']} consecutive frames, {r['threads']} threads",
+    lines = [f"policy {r['policy']}  task {r['task']}  {r['frames']} consecutive frames, {r['threads']} threads, "
+             f"device {r.get('device', 'cpu')}",
              "median / p99 ms per control step", head]
     for name, e in r["configs"].items():
         def mp(k):
@@ -186,3 +211,59 @@ def format_bench(r: dict) -> str:
         if extra:
             lines.append(f"  {name}: " + "; ".join(extra))
     return "\n".join(lines)
+
+
+def kernel_bench(device: str = "cuda", repeats: int = 200) -> list[dict]:
+    """Each kernel against its torch reference (eager) on the shapes of the shipped model's step,
+    and on larger ones. Median microseconds per call."""
+    from vla.kernels.attention import cached_attention, cached_attention_ref
+    from vla.kernels.denoise import denoise_update, denoise_update_ref
+    from vla.kernels.frame_diff import region_change, region_change_ref
+
+    device = torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    def timed(fn) -> float:
+        for _ in range(10):
+            fn()
+        ts = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts) * 1e6)
+
+    cases = []
+    # the shipped model's LM layer (GQA 4/2), its head's cross-attention, then larger prefixes
+    for heads, kv_heads, n, p, d in ((4, 2, 33, 45, 32), (4, 4, 16, 45, 32), (8, 8, 64, 256, 64), (8, 2, 16, 512, 64)):
+        q, k, v = rnd(1, heads, n, d), rnd(1, kv_heads, p, d), rnd(1, kv_heads, p, d)
+        mask = torch.ones(1, 1, n, p, dtype=torch.bool, device=device)
+        cases.append((f"cached_attention Hq{heads} Hkv{kv_heads} q{n} kv{p} d{d}",
+                      lambda q=q, k=k, v=v, m=mask: cached_attention(q, k, v, m, d ** -0.5, force="triton"),
+                      lambda q=q, k=k, v=v, m=mask: cached_attention_ref(q, k, v, m, d ** -0.5)))
+    for cams, size, region in ((2, 64, 16), (2, 224, 28), (8, 512, 32)):
+        cur, prev = rnd(cams, 3, size, size), rnd(cams, 3, size, size)
+        cases.append((f"region_change {cams}x3x{size}x{size} region {region}",
+                      lambda c=cur, p_=prev, r=region: region_change(c, p_, r, force="triton"),
+                      lambda c=cur, p_=prev, r=region: region_change_ref(c, p_, r)))
+    for b, h, d, a in ((1, 16, 128, 7), (64, 16, 128, 7), (256, 50, 512, 32)):
+        hh, x = rnd(b, h, d), rnd(b, h, a)
+        ln_w, ln_b, w, bias = rnd(d), rnd(d), rnd(a, d), rnd(a)
+        coef = torch.tensor([0.3, 0.9, 0.95, 0.2, 1.0], device=device)
+        cases.append((f"denoise_update B{b} H{h} d{d} A{a}",
+                      lambda *t: denoise_update(*t, force="triton"),
+                      lambda *t: denoise_update_ref(*t), (hh, ln_w, ln_b, w, bias, x, coef)))
+    rows = []
+    for case in cases:
+        name, fast, ref = case[:3]
+        args = case[3] if len(case) > 3 else ()
+        err = float((fast(*args) - ref(*args)).abs().max())
+        t_fast, t_ref = timed(lambda: fast(*args)), timed(lambda: ref(*args))
+        rows.append({"kernel": name, "triton_us": t_fast, "torch_eager_us": t_ref,
+                     "speedup": t_ref / t_fast, "max_abs_diff": err})
+    return rows

@@ -139,8 +139,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from vla.bench import CONFIGS, format_bench, run_bench
+    from vla.bench import CONFIGS, format_bench, kernel_bench, run_bench
 
+    if args.kernels:
+        rows = kernel_bench(args.device)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in rows if not args.json else []:
+            print(f"{r['kernel']:44s} triton {r['triton_us']:8.1f} us  torch {r['torch_eager_us']:8.1f} us  "
+                  f"{r['speedup']:5.2f}x  max diff {r['max_abs_diff']:.1e}")
+        return 0
     configs = None
     if args.configs:
         configs = [c.strip() for c in args.configs.split(";")]
@@ -149,7 +157,7 @@ def cmd_bench(args) -> int:
             print(f"error: unknown configurations {unknown}; known: {list(CONFIGS)}", file=sys.stderr)
             return 2
     r = run_bench(args.policy or shipped_policy(), task=args.task, steps=args.steps, threads=args.threads,
-                  configs=configs)
+                  configs=configs, device=args.device)
     print(json.dumps(r, indent=2) if args.json else format_bench(r))
     return 0
 
@@ -257,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--steps", type=int, default=60, help="consecutive frames timed per configuration")
     bp.add_argument("--threads", type=int, default=2)
     bp.add_argument("--configs", default=None, help="';'-separated subset of the configurations")
+    bp.add_argument("--device", default="cpu", help="cpu or cuda (compiled configurations use CUDA graphs there)")
+    bp.add_argument("--kernels", action="store_true", help="time each Triton kernel against its torch reference")
     bp.add_argument("--json", action="store_true")
     bp.set_defaults(func=cmd_bench)
 

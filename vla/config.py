@@ -57,6 +57,8 @@ class VLAConfig:
     action_dim: int = 7
     horizon: int = 16  # actions per chunk
     n_action_steps: int = 8  # actions executed before re-planning
+    keypoints: int = 0  # >0: an auxiliary head predicts the dataset's observation.environment_state
+    #                     (sim keypoints of the named target and goal) from the prefix, in training only
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,6 +105,9 @@ class TrainConfig:
     early_repeat: int = 1  # as often per epoch (where the instruction decides what to do; later frames
     #                        can be told from the arm's own motion, and would drown out the instruction)
     init: str | None = None  # start from this artifact's weights (same model config and dataset)
+    keypoint_weight: float = 1.0  # weight of the keypoint loss (model.keypoints > 0)
+    state_dropout: float = 0.0  # fraction of samples trained without the robot state: the target must
+    #                             then come from the images, not from where the arm already went
     threads: int = 0  # torch threads on CPU; 0 keeps torch's default
 
     @classmethod

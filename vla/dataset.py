@@ -358,7 +358,11 @@ class LeRobotDataset:
                 if key not in t.column_names:
                     raise DatasetError(f"{path}: column {key!r} declared in meta/info.json is missing")
             tables.append((path, t))
-        state_parts, action_parts, task_parts, ep_parts, frame_parts = [], [], [], [], []
+        # optional: privileged sim keypoints, a training target only (never a policy input)
+        self.env_state_key = "observation.environment_state" if "observation.environment_state" in feats else None
+        vector_keys = ["observation.state", "action"] + ([self.env_state_key] if self.env_state_key else [])
+        vector_parts: dict[str, list] = {k: [] for k in vector_keys}
+        task_parts, ep_parts, frame_parts = [], [], []
         self.ep_start = np.zeros(len(eps), dtype=np.int64)
         self.ep_end = np.zeros(len(eps), dtype=np.int64)
         by_index = {}
@@ -376,7 +380,9 @@ class LeRobotDataset:
                 raise DatasetError(f"{path}: rows of episode {e['episode_index']} (index "
                                    f"{e['dataset_from_index']}..{e['dataset_to_index']}) are missing")
             sl = t.slice(first, n)
-            for key, parts in (("observation.state", state_parts), ("action", action_parts)):
+            for key, parts in vector_parts.items():
+                if key not in sl.column_names:
+                    raise DatasetError(f"{path}: column {key!r} declared in meta/info.json is missing")
                 arr = np.stack(sl[key].to_numpy(zero_copy_only=False)).astype(np.float32)
                 want = tuple(feats[key]["shape"])
                 if arr.shape[1:] != want:
@@ -388,8 +394,9 @@ class LeRobotDataset:
             frame_parts.append(sl["frame_index"].to_numpy())
             self.ep_start[j], self.ep_end[j] = offset, offset + n
             offset += n
-        self.state = np.concatenate(state_parts)
-        self.action = np.concatenate(action_parts)
+        self.state = np.concatenate(vector_parts["observation.state"])
+        self.action = np.concatenate(vector_parts["action"])
+        self.env_state = np.concatenate(vector_parts[self.env_state_key]) if self.env_state_key else None
         self.task_index = np.concatenate(task_parts)
         self.episode_index = np.concatenate(ep_parts)
         self.frame_index = np.concatenate(frame_parts)
@@ -445,6 +452,8 @@ class LeRobotDataset:
             "frame_index": self.frame_index[idx],
             "index": idx,
         })
+        if self.env_state is not None:
+            out[self.env_state_key] = self.env_state[idx]
         return out
 
     def __getitem__(self, i: int) -> dict:

@@ -239,6 +239,10 @@ class VLA(nn.Module):
         self.backbone = backbone
         self.state_proj = nn.Linear(cfg.state_dim, backbone.hidden)
         self.head = ActionTransformer(cfg.head, cfg.action_dim, cfg.horizon, backbone.hidden)
+        self.keypoint_head = None
+        if cfg.keypoints > 0:  # read from the last prefix token, which the causal LM lets see all others
+            d = backbone.hidden
+            self.keypoint_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.keypoints))
         h = cfg.head
         if h.type == "diffusion":
             common = dict(num_train_timesteps=h.train_timesteps, beta_schedule=h.beta_schedule,
@@ -264,19 +268,34 @@ class VLA(nn.Module):
 
     # --- the prefix: once per control step ---
     def encode(self, images: torch.Tensor, input_ids: torch.Tensor, text_mask: torch.Tensor,
-               state: torch.Tensor) -> PrefixCache:
-        """images (B, n_cam, 3, H, W) in [0, 1]; state normalized (B, state_dim)."""
+               state: torch.Tensor, state_keep: torch.Tensor | None = None, return_memory: bool = False):
+        """images (B, n_cam, 3, H, W) in [0, 1]; state normalized (B, state_dim). `state_keep` (B,)
+        bool, training only: where False the state token is zero (no state), not a projection of one."""
         x = (images - IMAGE_MEAN) / IMAGE_STD
-        memory, mask = self.backbone(input_ids, text_mask, x, self.state_proj(state))
-        return self.head.prefix_cache(memory.float(), mask)
+        state_token = self.state_proj(state)
+        if state_keep is not None:
+            state_token = state_token * state_keep[:, None].to(state_token.dtype)
+        memory, mask = self.backbone(input_ids, text_mask, x, state_token)
+        cache = self.head.prefix_cache(memory.float(), mask)
+        return (cache, memory) if return_memory else cache
 
     # --- training ---
     def forward(self, **batch) -> torch.Tensor:
         """The training loss (so DDP's gradient hooks see the call)."""
         return self.loss(**batch)
 
-    def loss(self, images, input_ids, text_mask, state, actions, action_is_pad) -> torch.Tensor:
-        cache = self.encode(images, input_ids, text_mask, state)
+    def loss(self, images, input_ids, text_mask, state, actions, action_is_pad, state_keep=None,
+             keypoints=None, keypoint_weight: float = 1.0) -> torch.Tensor:
+        """The action loss, plus `keypoint_weight` x the keypoint loss where `keypoints` (normalized
+        (B, keypoints) targets) are given and the model has a keypoint head."""
+        cache, memory = self.encode(images, input_ids, text_mask, state, state_keep, return_memory=True)
+        loss = self._action_loss(cache, actions, action_is_pad)
+        if keypoints is not None and self.keypoint_head is not None:
+            pred = self.keypoint_head(memory[:, -1].float())
+            loss = loss + keypoint_weight * F.smooth_l1_loss(pred, keypoints.float(), beta=0.1)
+        return loss
+
+    def _action_loss(self, cache: PrefixCache, actions, action_is_pad) -> torch.Tensor:
         h = self.cfg.head
         valid = (~action_is_pad).float()[..., None]
         if h.type == "l1":

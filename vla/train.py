@@ -153,6 +153,15 @@ class Trainer:
         self.stats = Normalizer.stats_from_dataset(json.loads(stats_path.read_text()))
         self.norm = Normalizer(self.stats)
         self.spec = make_spec(model_cfg, self.ds)
+        self.keypoint_norm = None
+        if model_cfg.keypoints > 0:
+            key = self.ds.env_state_key
+            if key is None or tuple(self.ds.meta.features[key]["shape"]) != (model_cfg.keypoints,):
+                raise DatasetError(f"{cfg.dataset}: model.keypoints={model_cfg.keypoints} needs an "
+                                   f"observation.environment_state feature of that size (vla collect records one)")
+            st = json.loads(stats_path.read_text())[key]
+            self.keypoint_norm = (torch.tensor(st["mean"], dtype=torch.float32, device=self.device),
+                                  torch.tensor(st["std"], dtype=torch.float32, device=self.device).clamp(min=1e-3))
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         tokenizer = build_tokenizer(self.ds.meta.tasks.values()) if not model_cfg.backbone.pretrained else None
@@ -203,10 +212,18 @@ class Trainer:
         if self.cfg.augment:
             images = augment(images)
         t = torch.from_numpy(b["task_index"]).to(self.device)
-        return {"images": images, "input_ids": self.task_ids[t], "text_mask": self.task_mask[t],
-                "state": self.norm.state(torch.from_numpy(b["observation.state"]).to(self.device)),
-                "actions": self.norm.action(torch.from_numpy(b["action"]).to(self.device)),
-                "action_is_pad": torch.from_numpy(b["action_is_pad"]).to(self.device)}
+        batch = {"images": images, "input_ids": self.task_ids[t], "text_mask": self.task_mask[t],
+                 "state": self.norm.state(torch.from_numpy(b["observation.state"]).to(self.device)),
+                 "actions": self.norm.action(torch.from_numpy(b["action"]).to(self.device)),
+                 "action_is_pad": torch.from_numpy(b["action_is_pad"]).to(self.device)}
+        if self.cfg.state_dropout > 0:
+            batch["state_keep"] = (torch.rand(len(idx)) >= self.cfg.state_dropout).to(self.device)
+        if self.keypoint_norm is not None:
+            mean, std = self.keypoint_norm
+            kp = torch.from_numpy(b[self.ds.env_state_key]).to(self.device)
+            batch["keypoints"] = (kp - mean) / std
+            batch["keypoint_weight"] = self.cfg.keypoint_weight
+        return batch
 
     def train_step(self, batch: dict) -> float:
         self.model.train()
