@@ -133,3 +133,31 @@ def test_compiled_step_gives_the_same_actions():
     eager = FastVLA(model, FastConfig()).step(images, TEXTS[0], state, noise)
     compiled = FastVLA(model, FastConfig(compile=True)).step(images, TEXTS[0], state, noise)
     assert torch.allclose(compiled, eager, atol=1e-4)
+
+
+def test_cuda_graphs_need_cuda_and_the_eager_step():
+    with pytest.raises(ValueError, match="cuda_graph"):
+        FastConfig(cuda_graph=True, compile=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        FastVLA(tiny_model(), FastConfig(cuda_graph=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
+@pytest.mark.parametrize("reuse", [False, True])
+def test_cuda_graph_replay_equals_the_eager_step(reuse):
+    """Same frames, instructions switching mid-way (the graphs read the text caches in place)."""
+    model = tiny_model().cuda()
+    g = torch.Generator().manual_seed(5)
+    base = torch.rand(2, 3, SIZE, SIZE, generator=g)
+    frames = []
+    for i in range(10):  # consecutive frames: the wrist changes, the front barely
+        f = base.clone()
+        f[1] = (f[1] + 0.05 * i).clamp(0, 1)
+        frames.append((f.cuda(), TEXTS[i // 5], torch.randn(7, generator=g).cuda(),
+                       torch.randn(1, 4, 7, generator=g).cuda()))
+    eager = FastVLA(model, FastConfig(reuse=reuse), "cuda")
+    graphed = FastVLA(model, FastConfig(reuse=reuse, cuda_graph=True), "cuda")
+    for f in frames:
+        a, b = eager.step(*f), graphed.step(*f)
+        assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
+    assert graphed.stats == eager.stats

@@ -24,6 +24,8 @@ CONFIGS = {
     "fast + FastV keep 50%": "prune",
     "fast + compile": FastConfig(compile=True),
     "fast + token reuse + compile": FastConfig(reuse=True, compile=True),
+    "fast + CUDA graph": FastConfig(cuda_graph=True),  # CUDA only
+    "fast + token reuse + CUDA graph": FastConfig(reuse=True, cuda_graph=True),  # CUDA only
 }
 
 
@@ -138,6 +140,8 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
         cfg = CONFIGS[name]
         if name == "plain, no prefix cache" and model.cfg.head.type != "diffusion":
             continue  # that loop is written for the DDIM sampler
+        if isinstance(cfg, FastConfig) and cfg.cuda_graph and device.type != "cuda":
+            continue
         if cfg == "prune":
             cfg = FastConfig(prune_keep=max(1, visual_tokens_per_camera(model) // 2))
         engine = FastVLA(model, cfg, device) if cfg is not None else None

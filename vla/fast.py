@@ -51,7 +51,8 @@ class FastConfig:
     refresh_every: int = 8  # a full recompute every K steps bounds the drift
     prune_keep: int = 0  # FastV: visual tokens kept per camera after layer prune_layer (0 = off)
     prune_layer: int = 1
-    compile: bool = False  # torch.compile the step (CUDA: with CUDA graphs)
+    compile: bool = False  # torch.compile the step
+    cuda_graph: bool = False  # CUDA only: capture each static shape of the step as a CUDA graph and replay it
     kernels: str | None = None  # None: Triton on CUDA, torch elsewhere; "torch" / "triton" force one
 
     def __post_init__(self):
@@ -59,6 +60,9 @@ class FastConfig:
             raise ValueError("token reuse and FastV pruning are exclusive: pick one")
         if not 0 <= self.reuse_max < 1:
             raise ValueError(f"reuse_max must be in [0, 1), got {self.reuse_max}")
+        if self.cuda_graph and (self.compile or self.prune_keep):
+            raise ValueError("cuda_graph replays the eager step (Triton kernels included): without compile "
+                             "or FastV pruning")
 
 
 class _Clock:
@@ -168,11 +172,21 @@ class FastVLA:
                         for blk in head.blocks]
         self._precompute_sampler()
         self.instruction: str | None = None
+        # persistent tensors a captured graph reads: changed in place, never rebound
+        self.key_valid = torch.ones(1, self.prefix, dtype=torch.bool, device=self.device)
+        self.film = None
+        if bb.film is not None:
+            self.film = torch.zeros(1, vc.num_hidden_layers, 2, 1, vc.hidden_size, device=self.device)
+        self.state_pos = torch.tensor([self.prefix - 1], device=self.device)
         self.encode, self.denoise = self._encode, self._denoise
         if cfg.compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # CUDA graphs on CUDA
-            self.encode = torch.compile(self._encode, mode=mode, dynamic=False)
-            self.denoise = torch.compile(self._denoise, mode=mode, dynamic=False)
+            self.encode = torch.compile(self._encode, dynamic=False)
+            self.denoise = torch.compile(self._denoise, dynamic=False)
+        if cfg.cuda_graph:
+            if self.device.type != "cuda":
+                raise ValueError("cuda_graph needs a CUDA device")
+            self.graphs = _StepGraphs(self)
+            self.encode, self.denoise = self.graphs.encode, self.graphs.denoise
         self.timings: dict[str, float] | None = None  # set to {} to have step() record its stages (s)
         self._warm = False
         self.reset()
@@ -216,11 +230,10 @@ class FastVLA:
     def set_instruction(self, text: str) -> None:
         bb = self.model.backbone
         ids, mask = bb.tokenize([text], self.device)
-        self.key_valid = torch.ones(1, self.prefix, dtype=torch.bool, device=self.device)
+        self.key_valid.fill_(True)
         self.key_valid[:, : self.text_len] = mask
-        self.film = None
         if bb.film is not None:
-            self.film = bb.film_params(bb.instruction_embedding(ids, mask))
+            self.film.copy_(bb.film_params(bb.instruction_embedding(ids, mask)))
         pos = torch.arange(self.text_len, device=self.device)[None]
         h = bb.vlm.get_input_embeddings()(ids)
         self._run_lm(h, pos, self.key_valid)
@@ -306,7 +319,7 @@ class FastVLA:
             feats = [self._vision(x[c:c + 1], toks[c][None], slice(c, c + 1))[0] for c in range(self.n_cam)]
         pos_img = torch.cat([self.text_len + c * self.tokens + t for c, t in enumerate(toks)])
         h = torch.cat([torch.cat(feats), state_token.to(feats[0].dtype)])[None]
-        pos = torch.cat([pos_img, torch.tensor([self.prefix - 1], device=self.device)])[None]
+        pos = torch.cat([pos_img, self.state_pos])[None]
         full = all(len(t) == self.tokens for t in toks)
         prune = self.cfg.prune_layer if (self.cfg.prune_keep and full) else None
         pos = self._run_lm(h, pos, self.key_valid, prune)
@@ -354,8 +367,8 @@ class FastVLA:
 
     @torch.no_grad()
     def warmup(self, images: torch.Tensor, text: str, state: torch.Tensor, noise: torch.Tensor) -> None:
-        """Runs every static shape the step can take once (with compile: compiles them all now, not
-        in the middle of an episode), then forgets the caches."""
+        """Runs every static shape the step can take once (with compile: compiles them all now; with
+        cuda_graph: captures them all now, not in the middle of an episode), then forgets the caches."""
         import itertools
 
         self.set_instruction(text)
@@ -373,7 +386,7 @@ class FastVLA:
     def step(self, images: torch.Tensor, text: str, state: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """images (n_cam, 3, S, S) in [0, 1]; state normalized (state_dim,); noise (1, H, A).
         Returns the normalized chunk (1, H, A)."""
-        if self.cfg.compile and not self._warm:
+        if (self.cfg.compile or self.cfg.cuda_graph) and not self._warm:
             self.warmup(images, text, state, noise)
         if text != self.instruction:
             self.set_instruction(text)
@@ -404,3 +417,56 @@ class FastVLA:
         if self.cfg.reuse:
             self.relevance = self._attention_to_visual(self.lm_layers[-1].self_attn.vla_slot)
         return chunk
+
+
+class _StepGraphs:
+    """CUDA graphs of the step: one per combination of per-camera token counts (one without reuse),
+    plus one of the denoising loop. Inputs are copied into static buffers and the graphs replayed:
+    one launch each instead of hundreds of small kernels. Everything they read between calls (the
+    text rows of the caches, key_valid, FiLM) is updated in place by `set_instruction`."""
+
+    def __init__(self, fast: FastVLA):
+        self.fast = fast
+        self.pool = None
+        self.encoders: dict[tuple, tuple] = {}  # sizes -> (graph, static token index buffers)
+        self.denoiser = None
+
+    def _capture(self, fn):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = fn()
+        self.pool = graph.pool()
+        return graph, out
+
+    def encode(self, x: torch.Tensor, toks: list[torch.Tensor], state_token: torch.Tensor) -> torch.Tensor:
+        f = self.fast
+        key = tuple(len(t) for t in toks)
+        if not hasattr(self, "x"):
+            self.x, self.state_token = x.clone(), state_token.clone()
+            self.mask = torch.zeros(1, 1, 1, f.prefix, dtype=torch.bool, device=f.device)
+        self.x.copy_(x)
+        self.state_token.copy_(state_token)
+        if key not in self.encoders:
+            bufs = [t.clone() for t in toks]
+            graph, _ = self._capture(lambda: self.mask.copy_(f._encode(self.x, bufs, self.state_token)))
+            self.encoders[key] = (graph, bufs)
+        graph, bufs = self.encoders[key]
+        for b, t in zip(bufs, toks):
+            b.copy_(t)
+        graph.replay()
+        return self.mask
+
+    def denoise(self, noise: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.denoiser is None:
+            self.noise = noise.clone()
+            self.denoiser = self._capture(lambda: self.fast._denoise(self.noise, self.mask))
+        self.noise.copy_(noise)
+        graph, out = self.denoiser
+        graph.replay()
+        return out.clone()
