@@ -40,17 +40,23 @@ def dataset_features(image_size: int, cameras=CAMERAS) -> dict:
 
 
 def _rollout(job):
-    """Worker: one expert episode -> arrays, or None if the expert failed."""
+    """Worker: one expert episode -> arrays, or None if the expert failed. A scene-only job records
+    just the first frame (arm at home) with its keypoints; its action repeats the state."""
     from vla.sim import make_env
     from vla.sim.experts import run_expert_episode
 
-    task, seed, variant, image_size, cameras = job
+    task, seed, variant, image_size, cameras, scenes_only = job
     key = (task, image_size, cameras)
     if key not in _ENVS:
         _ENVS[key] = make_env(task, image_size=image_size, cameras=cameras)
     env = _ENVS[key]
     options = None if variant < 0 else {"variant": variant}
-    success, length, frames = run_expert_episode(env, seed, record=True, options=options)
+    if scenes_only:
+        obs, _ = env.reset(seed=seed, options=options)
+        obs = {**obs, "observation.environment_state": env.task.keypoints()}
+        success, frames = True, [(obs, obs["observation.state"].copy())]
+    else:
+        success, length, frames = run_expert_episode(env, seed, record=True, options=options)
     if not success:
         return task, seed, variant, None
     out = {f"observation.images.{c}": np.stack([o[f"observation.images.{c}"] for o, _ in frames])
@@ -72,8 +78,11 @@ def _seed_jobs(task: str, seed: int, k: int) -> list[tuple[int, int]]:
 
 def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, image_size: int = 96,
             cameras=CAMERAS, seed: int = 0, episodes_per_file: int = 100, progress: bool = True,
-            variants_per_seed: int = 1) -> dict:
-    """Collect `episodes` successful expert episodes per task into `out`. Returns a summary."""
+            variants_per_seed: int = 1, scenes_only: bool = False) -> dict:
+    """Collect `episodes` successful expert episodes per task into `out`. Returns a summary.
+
+    `scenes_only`: one-frame episodes of the start scene instead (no expert), cheap enough to have
+    thousands of layouts; for the keypoint loss only (`train.keypoint_dataset`), never for actions."""
     tasks = [resolve_task(t) for t in tasks]
     cameras = tuple(cameras)
     writer = DatasetWriter(out, CONTROL_HZ, dataset_features(image_size, cameras), robot_type="vla_arm6",
@@ -97,7 +106,7 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
                 while need > 0:
                     for s, v in _seed_jobs(t, next_seed[t], variants_per_seed):
                         if (s, v) not in done[t] and need > 0:
-                            jobs.append((t, s, v, image_size, cameras))
+                            jobs.append((t, s, v, image_size, cameras, scenes_only))
                             need -= 1
                     next_seed[t] += 1
             if not jobs:
@@ -107,7 +116,8 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
                     failed[task] += 1
                     continue
                 arrays, instruction = result
-                writer.add_episode(arrays, instruction, extra={"sim_task": task, "sim_seed": s, "sim_variant": v})
+                writer.add_episode(arrays, instruction, extra={"sim_task": task, "sim_seed": s, "sim_variant": v,
+                                                               "sim_scene_only": scenes_only})
                 done[task].add((s, v))
                 frames_written += len(arrays["action"])
                 bar.update(1)

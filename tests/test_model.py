@@ -373,3 +373,30 @@ def test_keypoints_need_a_matching_environment_state(tiny_dataset, tmp_path):
     d["keypoints"] = 5  # the dataset records 6
     with pytest.raises(Exception, match="observation.environment_state"):
         Trainer(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "run"), progress=False)
+
+
+def test_scene_only_collection_feeds_the_keypoint_loss(tiny_dataset, tmp_path):
+    scenes = tmp_path / "scenes"
+    collect(scenes, ["press_button"], episodes=6, workers=1, image_size=SIZE, seed=100_000, progress=False,
+            scenes_only=True)
+    from vla.dataset import LeRobotDataset
+
+    ds = LeRobotDataset(scenes, horizon=1)
+    assert len(ds) == 6 and all(e["sim_scene_only"] for e in ds.meta.episodes)
+    # the start scene's keypoints: the named button, where the env puts it
+    e = ds.meta.episodes[0]
+    from vla.sim import make_env
+
+    env = make_env("press_button", image_size=SIZE)
+    env.reset(seed=int(e["sim_seed"]))
+    assert np.allclose(ds.env_state[0], env.task.keypoints(), atol=1e-6)
+    d = json.loads(json.dumps(TINY))
+    d["keypoints"] = 6
+    trainer = Trainer(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "run", keypoint_dataset=str(scenes),
+                                                        keypoint_batch=4, state_dropout=0.5), progress=False)
+    batch = trainer.make_batch(np.arange(8))
+    assert batch["images"].shape[0] == 12 and batch["actions"].shape[0] == 8 and batch["keypoints"].shape == (12, 6)
+    assert batch["state_keep"][8:].all()  # scenes keep their state
+    assert np.isfinite(trainer.train_step(batch))
+    with pytest.raises(ValueError, match="model.keypoints"):
+        Trainer(tiny_cfg(), train_cfg(tiny_dataset, tmp_path / "run2", keypoint_dataset=str(scenes)), progress=False)

@@ -78,7 +78,7 @@ def cmd_collect(args) -> int:
     try:
         summary = collect(args.out, args.tasks, args.episodes, workers=args.workers,
                           image_size=args.image_size, cameras=args.cameras.split(","), seed=args.seed,
-                          variants_per_seed=args.variants_per_seed)
+                          variants_per_seed=args.variants_per_seed, scenes_only=args.scenes_only)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -242,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--seed", type=int, default=0, help="first episode seed of each task")
     c.add_argument("--variants-per-seed", type=int, default=1,
                    help="collect each seed's scene under this many different instructions")
+    c.add_argument("--scenes-only", action="store_true",
+                   help="one frame per seed (the start scene and its keypoints, no expert): data for "
+                        "train.keypoint_dataset")
     c.set_defaults(func=cmd_collect)
 
     e = sub.add_parser("experts", help="scripted expert success table")

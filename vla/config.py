@@ -106,6 +106,9 @@ class TrainConfig:
     #                        can be told from the arm's own motion, and would drown out the instruction)
     init: str | None = None  # start from this artifact's weights (same model config and dataset)
     keypoint_weight: float = 1.0  # weight of the keypoint loss (model.keypoints > 0)
+    keypoint_dataset: str | None = None  # scenes (`vla collect --scenes-only`) that train the keypoint
+    #                                      loss alone: thousands of layouts where demos have hundreds
+    keypoint_batch: int = 64  # its samples per step, beside batch_size demonstration samples
     state_dropout: float = 0.0  # fraction of samples trained without the robot state: the target must
     #                             then come from the images, not from where the arm already went
     threads: int = 0  # torch threads on CPU; 0 keeps torch's default

@@ -287,8 +287,12 @@ class VLA(nn.Module):
     def loss(self, images, input_ids, text_mask, state, actions, action_is_pad, state_keep=None,
              keypoints=None, keypoint_weight: float = 1.0) -> torch.Tensor:
         """The action loss, plus `keypoint_weight` x the keypoint loss where `keypoints` (normalized
-        (B, keypoints) targets) are given and the model has a keypoint head."""
+        (B, keypoints) targets) are given and the model has a keypoint head. Rows past
+        len(actions) are keypoint-only samples: they share the backbone pass, not the action loss."""
         cache, memory = self.encode(images, input_ids, text_mask, state, state_keep, return_memory=True)
+        n = len(actions)
+        if len(images) > n:
+            cache = PrefixCache([(k[:n], v[:n]) for k, v in cache.kv], cache.mask[:n])
         loss = self._action_loss(cache, actions, action_is_pad)
         if keypoints is not None and self.keypoint_head is not None:
             pred = self.keypoint_head(memory[:, -1].float())

@@ -188,6 +188,22 @@ class Trainer:
             early = np.flatnonzero(self.ds.frame_index < cfg.early_frames)
             pool = np.concatenate([np.arange(len(self.ds))] + [early] * (cfg.early_repeat - 1))
         self.batches = Batches(len(self.ds), cfg.batch_size, cfg.seed, self.rank, self.world, pool)
+        self.kp_ds = None
+        if cfg.keypoint_dataset:
+            if self.keypoint_norm is None:
+                raise ValueError("train.keypoint_dataset needs model.keypoints > 0")
+            self.kp_ds = LeRobotDataset(cfg.keypoint_dataset, horizon=1, cameras=list(model_cfg.cameras))
+            key = self.kp_ds.env_state_key
+            if key is None or tuple(self.kp_ds.meta.features[key]["shape"]) != (model_cfg.keypoints,):
+                raise DatasetError(f"{cfg.keypoint_dataset}: no observation.environment_state of size "
+                                   f"{model_cfg.keypoints} (vla collect --scenes-only records one)")
+            kp_shape = self.kp_ds.images[self.kp_ds.video_keys[0]].shape[1:3]
+            if kp_shape != shape:
+                raise DatasetError(f"{cfg.keypoint_dataset}: frames are {kp_shape}, the demonstrations' {shape}")
+            n_kp_tasks = max(self.kp_ds.meta.tasks) + 1
+            self.kp_task_ids, self.kp_task_mask = self.model.backbone.tokenize(
+                [self.kp_ds.meta.tasks.get(i, "") for i in range(n_kp_tasks)], self.device)
+            self.kp_batches = Batches(len(self.kp_ds), cfg.keypoint_batch, cfg.seed + 1, self.rank, self.world)
         self.step = 0
 
     def _init_from(self, path: str) -> None:
@@ -223,6 +239,23 @@ class Trainer:
             kp = torch.from_numpy(b[self.ds.env_state_key]).to(self.device)
             batch["keypoints"] = (kp - mean) / std
             batch["keypoint_weight"] = self.cfg.keypoint_weight
+        if self.kp_ds is not None:  # keypoint-only scenes, appended after the demonstration rows
+            s = self.kp_ds.batch(self.kp_batches.next())
+            img = torch.stack([torch.from_numpy(s[k]) for k in self.kp_ds.video_keys], 1)
+            img = img.to(self.device).permute(0, 1, 4, 2, 3).float() / 255.0
+            if self.cfg.augment:
+                img = augment(img)
+            t = torch.from_numpy(s["task_index"]).to(self.device)
+            kp = (torch.from_numpy(s[self.kp_ds.env_state_key]).to(self.device) - mean) / std
+            state = self.norm.state(torch.from_numpy(s["observation.state"]).to(self.device))
+            batch["images"] = torch.cat([batch["images"], img])
+            batch["input_ids"] = torch.cat([batch["input_ids"], self.kp_task_ids[t]])
+            batch["text_mask"] = torch.cat([batch["text_mask"], self.kp_task_mask[t]])
+            batch["state"] = torch.cat([batch["state"], state])
+            batch["keypoints"] = torch.cat([batch["keypoints"], kp])
+            if "state_keep" in batch:
+                batch["state_keep"] = torch.cat([batch["state_keep"], torch.ones(len(t), dtype=torch.bool,
+                                                                                  device=self.device)])
         return batch
 
     def train_step(self, batch: dict) -> float:
@@ -267,6 +300,7 @@ class Trainer:
                       tmp / "training_state.safetensors")
             (tmp / "training_state.json").write_text(json.dumps({
                 "step": self.step, "data": self.batches.state(), "optimizer": opt_meta,
+                "keypoint_data": self.kp_batches.state() if self.kp_ds is not None else None,
                 "scheduler": self.sched.state_dict(), "world_size": self.world}))
 
         save_artifact(path, self.model, self.spec, self.stats, self.recipe, state_dict=self.ema, extra=extra)
@@ -289,6 +323,8 @@ class Trainer:
         self.sched.load_state_dict(meta["scheduler"])
         torch.set_rng_state(tensors["rng.torch"])
         self.batches.load(meta["data"])
+        if self.kp_ds is not None and meta.get("keypoint_data"):
+            self.kp_batches.load(meta["keypoint_data"])
         self.step = meta["step"]
         return True
 
