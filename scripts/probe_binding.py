@@ -86,7 +86,7 @@ def main():
 
     def predict(img, state, ti):
         _, mem = model.encode(img.float() / 255, ids_all[ti], mask_all[ti], (state - smean) / sstd, return_memory=True)
-        return model.keypoint_head(mem[:, -1].float()) * kstd + kmean
+        return model.keypoints_from_memory(mem) * kstd + kmean
 
     def report(step):
         model.eval()

@@ -53,7 +53,7 @@ def keypoint_errors(policy, stats, task, scenes=16):
         ids, mask = m.backbone.tokenize([obs["task"]])
         with torch.no_grad():
             _, mem = m.encode(images, ids, mask, state, return_memory=True)
-            pred.append(m.keypoint_head(mem[:, -1])[0].numpy() * std + mean)
+            pred.append(m.keypoints_from_memory(mem)[0].numpy() * std + mean)
         truth.append(env.task.keypoints())
     env.close()
     pred, truth = np.stack(pred), np.stack(truth)

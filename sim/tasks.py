@@ -64,9 +64,13 @@ class Task:
         """Where the instruction sends the arm, for training only (LeRobot's
         `observation.environment_state`): the named object's xyz, then the goal's xyz (the object
         again where there is no separate goal). Never given to a policy as input."""
-        target = self.env.body_pos(self.target)
-        goal = self.env.body_pos(self.goal) if self.goal else target
-        return np.concatenate([target, goal]).astype(np.float32)
+        return np.concatenate([self.target_pos(), self.goal_pos()]).astype(np.float32)
+
+    def target_pos(self) -> np.ndarray:
+        return self.env.body_pos(self.target)
+
+    def goal_pos(self) -> np.ndarray:
+        return self.env.body_pos(self.goal) if self.goal else self.target_pos()
 
     # helpers
     def released(self) -> bool:
@@ -178,10 +182,9 @@ class PushCube(Task):
     def success(self):
         return self.side * self.env.body_pos(self.target)[1] > self.REGION_Y
 
-    def keypoints(self):
-        target = self.env.body_pos(self.target)
-        goal = np.array([target[0], self.side * (self.REGION_Y + 0.03), target[2]])
-        return np.concatenate([target, goal]).astype(np.float32)
+    def goal_pos(self):  # past the strip on the named side, in line with the cube
+        target = self.target_pos()
+        return np.array([target[0], self.side * (self.REGION_Y + 0.03), target[2]])
 
 
 class StackCubes(Task):
@@ -223,9 +226,8 @@ class _DrawerTask(Task):
     def opening(self) -> float:
         return self.env.joint_q("cabinet")
 
-    def keypoints(self):
-        handle = self.env.data.geom("cabinet_handle").xpos.astype(np.float32)
-        return np.concatenate([handle, handle])
+    def target_pos(self):  # the handle, where the gripper pushes or pulls
+        return self.env.data.geom("cabinet_handle").xpos.copy()
 
 
 class OpenDrawer(_DrawerTask):

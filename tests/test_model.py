@@ -341,7 +341,7 @@ def _keypoint_error(trainer, batch) -> float:
     with torch.no_grad():
         _, memory = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"], batch["state"],
                                          return_memory=True)
-        return float((trainer.model.keypoint_head(memory[:, -1]) - batch["keypoints"]).abs().mean())
+        return float((trainer.model.keypoints_from_memory(memory) - batch["keypoints"]).abs().mean())
 
 
 def test_keypoint_head_learns_the_recorded_targets_and_state_dropout_hides_the_state(tiny_dataset, tmp_path):

@@ -116,7 +116,7 @@ def backbone_gflop(model, images, ids, mask, state) -> float:
 def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int = 5, threads: int = 2,
               configs: list[str] | None = None, seed: int = 1_000_000, device: str = "cpu") -> dict:
     """On CUDA the rollout is recorded on the CPU, then the model and every input move to the GPU;
-    the compiled configurations use CUDA graphs there (torch.compile's reduce-overhead)."""
+    the CUDA-graph configurations run there only."""
     from vla.policies import Policy
 
     torch.set_num_threads(threads)
@@ -128,8 +128,8 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     noises = [torch.randn(1, policy.horizon, policy.spec["action_dim"], generator=g).to(device) for _ in frames]
     inputs = [tuple(t.to(device) for t in _inputs(policy, o)) for o in frames]
     model.to(device)
-    model.infer_scheduler.set_timesteps(model.cfg.head.inference_steps, device=device) \
-        if model.cfg.head.type == "diffusion" else None
+    if model.cfg.head.type == "diffusion":
+        model.infer_scheduler.set_timesteps(model.cfg.head.inference_steps, device=device)
     text = frames[0]["task"]
     ids, mask = model.backbone.tokenize([text], device)
     result = {"policy": str(policy_dir), "task": task, "frames": steps, "threads": threads,
@@ -242,30 +242,25 @@ def kernel_bench(device: str = "cuda", repeats: int = 200) -> list[dict]:
             ts.append(time.perf_counter() - t0)
         return float(np.median(ts) * 1e6)
 
-    cases = []
+    def triton(fn):
+        return lambda *args: fn(*args, force="triton")
+
+    cases = []  # (name, kernel, its torch reference, arguments)
     # the shipped model's LM layer (GQA 4/2), its head's cross-attention, then larger prefixes
     for heads, kv_heads, n, p, d in ((4, 2, 33, 45, 32), (4, 4, 16, 45, 32), (8, 8, 64, 256, 64), (8, 2, 16, 512, 64)):
-        q, k, v = rnd(1, heads, n, d), rnd(1, kv_heads, p, d), rnd(1, kv_heads, p, d)
         mask = torch.ones(1, 1, n, p, dtype=torch.bool, device=device)
-        cases.append((f"cached_attention Hq{heads} Hkv{kv_heads} q{n} kv{p} d{d}",
-                      lambda q=q, k=k, v=v, m=mask: cached_attention(q, k, v, m, d ** -0.5, force="triton"),
-                      lambda q=q, k=k, v=v, m=mask: cached_attention_ref(q, k, v, m, d ** -0.5)))
+        cases.append((f"cached_attention Hq{heads} Hkv{kv_heads} q{n} kv{p} d{d}", triton(cached_attention),
+                      cached_attention_ref, (rnd(1, heads, n, d), rnd(1, kv_heads, p, d), rnd(1, kv_heads, p, d),
+                                             mask, d ** -0.5)))
     for cams, size, region in ((2, 64, 16), (2, 224, 28), (8, 512, 32)):
-        cur, prev = rnd(cams, 3, size, size), rnd(cams, 3, size, size)
-        cases.append((f"region_change {cams}x3x{size}x{size} region {region}",
-                      lambda c=cur, p_=prev, r=region: region_change(c, p_, r, force="triton"),
-                      lambda c=cur, p_=prev, r=region: region_change_ref(c, p_, r)))
+        cases.append((f"region_change {cams}x3x{size}x{size} region {region}", triton(region_change),
+                      region_change_ref, (rnd(cams, 3, size, size), rnd(cams, 3, size, size), region)))
     for b, h, d, a in ((1, 16, 128, 7), (64, 16, 128, 7), (256, 50, 512, 32)):
-        hh, x = rnd(b, h, d), rnd(b, h, a)
-        ln_w, ln_b, w, bias = rnd(d), rnd(d), rnd(a, d), rnd(a)
         coef = torch.tensor([0.3, 0.9, 0.95, 0.2, 1.0], device=device)
-        cases.append((f"denoise_update B{b} H{h} d{d} A{a}",
-                      lambda *t: denoise_update(*t, force="triton"),
-                      lambda *t: denoise_update_ref(*t), (hh, ln_w, ln_b, w, bias, x, coef)))
+        cases.append((f"denoise_update B{b} H{h} d{d} A{a}", triton(denoise_update), denoise_update_ref,
+                      (rnd(b, h, d), rnd(d), rnd(d), rnd(a, d), rnd(a), rnd(b, h, a), coef)))
     rows = []
-    for case in cases:
-        name, fast, ref = case[:3]
-        args = case[3] if len(case) > 3 else ()
+    for name, fast, ref, args in cases:
         err = float((fast(*args) - ref(*args)).abs().max())
         t_fast, t_ref = timed(lambda: fast(*args)), timed(lambda: ref(*args))
         rows.append({"kernel": name, "triton_us": t_fast, "torch_eager_us": t_ref,

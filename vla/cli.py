@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--steps", type=int, default=60, help="consecutive frames timed per configuration")
     bp.add_argument("--threads", type=int, default=2)
     bp.add_argument("--configs", default=None, help="';'-separated subset of the configurations")
-    bp.add_argument("--device", default="cpu", help="cpu or cuda (compiled configurations use CUDA graphs there)")
+    bp.add_argument("--device", default="cpu", help="cpu or cuda (the CUDA-graph configurations run there only)")
     bp.add_argument("--kernels", action="store_true", help="time each Triton kernel against its torch reference")
     bp.add_argument("--json", action="store_true")
     bp.set_defaults(func=cmd_bench)

@@ -349,18 +349,18 @@ class LeRobotDataset:
         eps = self.meta.episodes if episodes is None else [self.meta.episodes[i] for i in episodes]
         self.episodes = eps
 
+        # optional: privileged sim keypoints, a training target only (never a policy input)
+        self.env_state_key = "observation.environment_state" if "observation.environment_state" in feats else None
+        vector_keys = ["observation.state", "action"] + ([self.env_state_key] if self.env_state_key else [])
         data_files = sorted({(e["data/chunk_index"], e["data/file_index"]) for e in eps})
         tables = []
         for c, f in data_files:
             path = self.root / self.meta.info["data_path"].format(chunk_index=c, file_index=f)
             t = _read_parquet(path)
-            for key in ("observation.state", "action", "index", "episode_index", "frame_index", "task_index"):
+            for key in vector_keys + ["index", "episode_index", "frame_index", "task_index"]:
                 if key not in t.column_names:
                     raise DatasetError(f"{path}: column {key!r} declared in meta/info.json is missing")
             tables.append((path, t))
-        # optional: privileged sim keypoints, a training target only (never a policy input)
-        self.env_state_key = "observation.environment_state" if "observation.environment_state" in feats else None
-        vector_keys = ["observation.state", "action"] + ([self.env_state_key] if self.env_state_key else [])
         vector_parts: dict[str, list] = {k: [] for k in vector_keys}
         task_parts, ep_parts, frame_parts = [], [], []
         self.ep_start = np.zeros(len(eps), dtype=np.int64)
@@ -381,8 +381,6 @@ class LeRobotDataset:
                                    f"{e['dataset_from_index']}..{e['dataset_to_index']}) are missing")
             sl = t.slice(first, n)
             for key, parts in vector_parts.items():
-                if key not in sl.column_names:
-                    raise DatasetError(f"{path}: column {key!r} declared in meta/info.json is missing")
                 arr = np.stack(sl[key].to_numpy(zero_copy_only=False)).astype(np.float32)
                 want = tuple(feats[key]["shape"])
                 if arr.shape[1:] != want:

@@ -430,6 +430,8 @@ class _StepGraphs:
         self.pool = None
         self.encoders: dict[tuple, tuple] = {}  # sizes -> (graph, static token index buffers)
         self.denoiser = None
+        # static inputs, allocated at the first call (their shapes come from it)
+        self.x = self.state_token = self.mask = self.noise = None
 
     def _capture(self, fn):
         side = torch.cuda.Stream()
@@ -447,7 +449,7 @@ class _StepGraphs:
     def encode(self, x: torch.Tensor, toks: list[torch.Tensor], state_token: torch.Tensor) -> torch.Tensor:
         f = self.fast
         key = tuple(len(t) for t in toks)
-        if not hasattr(self, "x"):
+        if self.x is None:
             self.x, self.state_token = x.clone(), state_token.clone()
             self.mask = torch.zeros(1, 1, 1, f.prefix, dtype=torch.bool, device=f.device)
         self.x.copy_(x)

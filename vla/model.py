@@ -295,9 +295,13 @@ class VLA(nn.Module):
             cache = PrefixCache([(k[:n], v[:n]) for k, v in cache.kv], cache.mask[:n])
         loss = self._action_loss(cache, actions, action_is_pad)
         if keypoints is not None and self.keypoint_head is not None:
-            pred = self.keypoint_head(memory[:, -1].float())
+            pred = self.keypoints_from_memory(memory)
             loss = loss + keypoint_weight * F.smooth_l1_loss(pred, keypoints.float(), beta=0.1)
         return loss
+
+    def keypoints_from_memory(self, memory: torch.Tensor) -> torch.Tensor:
+        """Normalized keypoints (B, keypoints) from the backbone's output (`encode(..., return_memory=True)`)."""
+        return self.keypoint_head(memory[:, -1].float())
 
     def _action_loss(self, cache: PrefixCache, actions, action_is_pad) -> torch.Tensor:
         h = self.cfg.head

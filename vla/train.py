@@ -53,6 +53,13 @@ def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
     return x.clamp(0, 1).reshape(b, n, c, h, w)
 
 
+def _require_keypoints(ds: LeRobotDataset, path: str, size: int, hint: str) -> None:
+    key = ds.env_state_key
+    if key is None or tuple(ds.meta.features[key]["shape"]) != (size,):
+        raise DatasetError(f"{path}: model.keypoints={size} needs an observation.environment_state "
+                           f"feature of that size ({hint})")
+
+
 class Batches:
     """Deterministic data order: epoch e is a permutation seeded by (seed, e); rank r of w takes
     every w-th index. The position (epoch, pos) is saved in checkpoints."""
@@ -155,11 +162,8 @@ class Trainer:
         self.spec = make_spec(model_cfg, self.ds)
         self.keypoint_norm = None
         if model_cfg.keypoints > 0:
-            key = self.ds.env_state_key
-            if key is None or tuple(self.ds.meta.features[key]["shape"]) != (model_cfg.keypoints,):
-                raise DatasetError(f"{cfg.dataset}: model.keypoints={model_cfg.keypoints} needs an "
-                                   f"observation.environment_state feature of that size (vla collect records one)")
-            st = json.loads(stats_path.read_text())[key]
+            _require_keypoints(self.ds, cfg.dataset, model_cfg.keypoints, "vla collect records one")
+            st = json.loads(stats_path.read_text())[self.ds.env_state_key]
             self.keypoint_norm = (torch.tensor(st["mean"], dtype=torch.float32, device=self.device),
                                   torch.tensor(st["std"], dtype=torch.float32, device=self.device).clamp(min=1e-3))
 
@@ -168,9 +172,7 @@ class Trainer:
         self.model = VLA.build(model_cfg, tokenizer).to(self.device)
         if cfg.init:
             self._init_from(cfg.init)
-        n_tasks = max(self.ds.meta.tasks) + 1
-        self.task_ids, self.task_mask = self.model.backbone.tokenize(
-            [self.ds.meta.tasks.get(i, "") for i in range(n_tasks)], self.device)
+        self.task_ids, self.task_mask = self._task_tokens(self.ds)
         self.ddp = torch.nn.parallel.DistributedDataParallel(self.model) if self.world > 1 else None
 
         params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
@@ -193,18 +195,19 @@ class Trainer:
             if self.keypoint_norm is None:
                 raise ValueError("train.keypoint_dataset needs model.keypoints > 0")
             self.kp_ds = LeRobotDataset(cfg.keypoint_dataset, horizon=1, cameras=list(model_cfg.cameras))
-            key = self.kp_ds.env_state_key
-            if key is None or tuple(self.kp_ds.meta.features[key]["shape"]) != (model_cfg.keypoints,):
-                raise DatasetError(f"{cfg.keypoint_dataset}: no observation.environment_state of size "
-                                   f"{model_cfg.keypoints} (vla collect --scenes-only records one)")
+            _require_keypoints(self.kp_ds, cfg.keypoint_dataset, model_cfg.keypoints,
+                               "vla collect --scenes-only records one")
             kp_shape = self.kp_ds.images[self.kp_ds.video_keys[0]].shape[1:3]
             if kp_shape != shape:
                 raise DatasetError(f"{cfg.keypoint_dataset}: frames are {kp_shape}, the demonstrations' {shape}")
-            n_kp_tasks = max(self.kp_ds.meta.tasks) + 1
-            self.kp_task_ids, self.kp_task_mask = self.model.backbone.tokenize(
-                [self.kp_ds.meta.tasks.get(i, "") for i in range(n_kp_tasks)], self.device)
+            self.kp_task_ids, self.kp_task_mask = self._task_tokens(self.kp_ds)
             self.kp_batches = Batches(len(self.kp_ds), cfg.keypoint_batch, cfg.seed + 1, self.rank, self.world)
         self.step = 0
+
+    def _task_tokens(self, ds: LeRobotDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask of every instruction of `ds`, indexed by task_index."""
+        n_tasks = max(ds.meta.tasks) + 1
+        return self.model.backbone.tokenize([ds.meta.tasks.get(i, "") for i in range(n_tasks)], self.device)
 
     def _init_from(self, path: str) -> None:
         from safetensors.torch import load_file
@@ -221,41 +224,37 @@ class Trainer:
                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
     # --- one optimisation step ---
-    def make_batch(self, idx: np.ndarray) -> dict:
-        b = self.ds.batch(idx)
-        images = torch.stack([torch.from_numpy(b[k]) for k in self.ds.video_keys], 1)
+    def _inputs(self, ds: LeRobotDataset, b: dict, task_ids: torch.Tensor, task_mask: torch.Tensor) -> dict:
+        """The model's inputs (and keypoint targets, if trained) for rows `b` of dataset `ds`."""
+        images = torch.stack([torch.from_numpy(b[k]) for k in ds.video_keys], 1)
         images = images.to(self.device).permute(0, 1, 4, 2, 3).float() / 255.0
         if self.cfg.augment:
             images = augment(images)
         t = torch.from_numpy(b["task_index"]).to(self.device)
-        batch = {"images": images, "input_ids": self.task_ids[t], "text_mask": self.task_mask[t],
-                 "state": self.norm.state(torch.from_numpy(b["observation.state"]).to(self.device)),
-                 "actions": self.norm.action(torch.from_numpy(b["action"]).to(self.device)),
-                 "action_is_pad": torch.from_numpy(b["action_is_pad"]).to(self.device)}
+        out = {"images": images, "input_ids": task_ids[t], "text_mask": task_mask[t],
+               "state": self.norm.state(torch.from_numpy(b["observation.state"]).to(self.device))}
+        if self.keypoint_norm is not None:
+            mean, std = self.keypoint_norm
+            out["keypoints"] = (torch.from_numpy(b[ds.env_state_key]).to(self.device) - mean) / std
+        return out
+
+    def make_batch(self, idx: np.ndarray) -> dict:
+        b = self.ds.batch(idx)
+        batch = self._inputs(self.ds, b, self.task_ids, self.task_mask)
+        batch["actions"] = self.norm.action(torch.from_numpy(b["action"]).to(self.device))
+        batch["action_is_pad"] = torch.from_numpy(b["action_is_pad"]).to(self.device)
         if self.cfg.state_dropout > 0:
             batch["state_keep"] = (torch.rand(len(idx)) >= self.cfg.state_dropout).to(self.device)
         if self.keypoint_norm is not None:
-            mean, std = self.keypoint_norm
-            kp = torch.from_numpy(b[self.ds.env_state_key]).to(self.device)
-            batch["keypoints"] = (kp - mean) / std
             batch["keypoint_weight"] = self.cfg.keypoint_weight
         if self.kp_ds is not None:  # keypoint-only scenes, appended after the demonstration rows
-            s = self.kp_ds.batch(self.kp_batches.next())
-            img = torch.stack([torch.from_numpy(s[k]) for k in self.kp_ds.video_keys], 1)
-            img = img.to(self.device).permute(0, 1, 4, 2, 3).float() / 255.0
-            if self.cfg.augment:
-                img = augment(img)
-            t = torch.from_numpy(s["task_index"]).to(self.device)
-            kp = (torch.from_numpy(s[self.kp_ds.env_state_key]).to(self.device) - mean) / std
-            state = self.norm.state(torch.from_numpy(s["observation.state"]).to(self.device))
-            batch["images"] = torch.cat([batch["images"], img])
-            batch["input_ids"] = torch.cat([batch["input_ids"], self.kp_task_ids[t]])
-            batch["text_mask"] = torch.cat([batch["text_mask"], self.kp_task_mask[t]])
-            batch["state"] = torch.cat([batch["state"], state])
-            batch["keypoints"] = torch.cat([batch["keypoints"], kp])
-            if "state_keep" in batch:
-                batch["state_keep"] = torch.cat([batch["state_keep"], torch.ones(len(t), dtype=torch.bool,
-                                                                                  device=self.device)])
+            scenes = self._inputs(self.kp_ds, self.kp_ds.batch(self.kp_batches.next()),
+                                  self.kp_task_ids, self.kp_task_mask)
+            for k, v in scenes.items():
+                batch[k] = torch.cat([batch[k], v])
+            if "state_keep" in batch:  # scenes keep their state
+                batch["state_keep"] = torch.cat([batch["state_keep"], torch.ones(len(scenes["state"]),
+                                                                                  dtype=torch.bool, device=self.device)])
         return batch
 
     def train_step(self, batch: dict) -> float:
