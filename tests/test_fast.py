@@ -23,15 +23,17 @@ TINY = {
 TEXTS = ["press the red button", "press the blue button"]
 
 
-def tiny_model(head="diffusion", image_size=SIZE) -> VLA:
+def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False) -> VLA:
     d = json.loads(json.dumps(TINY))
     d["head"]["type"] = head
     d["image_size"] = image_size
+    if keypoint_cond:
+        d["keypoints"], d["keypoint_cond"] = 6, True
     torch.manual_seed(0)
     model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(TEXTS)).eval()
     with torch.no_grad():  # zero-initialised layers would hide bugs: give them values
         for name, p in model.named_parameters():
-            if "film" in name or "ada" in name:
+            if "film" in name or "ada" in name or "keypoint_cond" in name:
                 p.normal_(0, 0.05)
     return model
 
@@ -47,9 +49,10 @@ def test_pixel_shuffle_groups_are_2x2_blocks():
     assert g.shape == (4, 4) and sorted(g[0].tolist()) == [0, 1, 4, 5] and sorted(g[3].tolist()) == [10, 11, 14, 15]
 
 
-@pytest.mark.parametrize("head,image_size", [("diffusion", SIZE), ("flow", SIZE), ("l1", SIZE), ("diffusion", 48)])
-def test_full_step_equals_the_plain_path(head, image_size):
-    model = tiny_model(head, image_size)
+@pytest.mark.parametrize("head,image_size,kp", [("diffusion", SIZE, False), ("flow", SIZE, False), ("l1", SIZE, False),
+                                                ("diffusion", 48, False), ("diffusion", SIZE, True), ("l1", SIZE, True)])
+def test_full_step_equals_the_plain_path(head, image_size, kp):
+    model = tiny_model(head, image_size, keypoint_cond=kp)
     g = torch.Generator().manual_seed(1)
     inputs = [(torch.rand(2, 3, image_size, image_size, generator=g), text, torch.randn(7, generator=g),
                torch.randn(1, 4, 7, generator=g)) for text in TEXTS + TEXTS[:1]]
@@ -126,8 +129,9 @@ def test_bad_fast_configs_are_refused():
         FastVLA(tiny_model(), FastConfig(prune_keep=999))
 
 
-def test_compiled_step_gives_the_same_actions():
-    model = tiny_model()
+@pytest.mark.parametrize("kp", [False, True])
+def test_compiled_step_gives_the_same_actions(kp):
+    model = tiny_model(keypoint_cond=kp)
     g = torch.Generator().manual_seed(4)
     images, state, noise = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.randn(7, generator=g), torch.randn(1, 4, 7)
     eager = FastVLA(model, FastConfig()).step(images, TEXTS[0], state, noise)
@@ -143,10 +147,10 @@ def test_cuda_graphs_need_cuda_and_the_eager_step():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU")
-@pytest.mark.parametrize("reuse", [False, True])
-def test_cuda_graph_replay_equals_the_eager_step(reuse):
+@pytest.mark.parametrize("reuse,kp", [(False, False), (True, False), (True, True)])
+def test_cuda_graph_replay_equals_the_eager_step(reuse, kp):
     """Same frames, instructions switching mid-way (the graphs read the text caches in place)."""
-    model = tiny_model().cuda()
+    model = tiny_model(keypoint_cond=kp).cuda()
     g = torch.Generator().manual_seed(5)
     base = torch.rand(2, 3, SIZE, SIZE, generator=g)
     frames = []

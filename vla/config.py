@@ -58,7 +58,8 @@ class VLAConfig:
     horizon: int = 16  # actions per chunk
     n_action_steps: int = 8  # actions executed before re-planning
     keypoints: int = 0  # >0: an auxiliary head predicts the dataset's observation.environment_state
-    #                     (sim keypoints of the named target and goal) from the prefix, in training only
+    #                     (sim keypoints of the named target and goal) from the prefix
+    keypoint_cond: bool = False  # the action head is conditioned on the predicted keypoints (adaLN)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -178,6 +178,9 @@ class FastVLA:
         if bb.film is not None:
             self.film = torch.zeros(1, vc.num_hidden_layers, 2, 1, vc.hidden_size, device=self.device)
         self.state_pos = torch.tensor([self.prefix - 1], device=self.device)
+        self.kp_mods = None  # keypoint_cond: per head block, ada(cond) of this step's keypoints
+        if head.keypoint_cond is not None:
+            self.kp_mods = torch.zeros(len(head.blocks), 1, 1, 6 * head.d, device=self.device)
         self.encode, self.denoise = self._encode, self._denoise
         if cfg.compile:
             self.encode = torch.compile(self._encode, dynamic=False)
@@ -214,10 +217,10 @@ class FastVLA:
             times, coefs = [0.0], [[0.0, 1.0, 0.0, 1.0, math.inf]]
         head = m.head
         self.coefs = torch.tensor(coefs, dtype=torch.float32, device=self.device)
-        self.mods = []  # per step, per block: the six adaLN tensors (shift1, scale1, gate1, shift3, scale3, gate3)
+        self.mods = []  # per step, per block: the adaLN tensor (1, 1, 6 d) of the time embedding
         for t in times:
             cond = head.time(timestep_embedding(torch.tensor([t], device=self.device), head.d))
-            self.mods.append([blk.ada(cond)[:, None].chunk(6, dim=-1) for blk in head.blocks])
+            self.mods.append([blk.ada(cond)[:, None] for blk in head.blocks])
 
     # --- once per instruction / episode ---
     def reset(self) -> None:
@@ -324,6 +327,11 @@ class FastVLA:
         prune = self.cfg.prune_layer if (self.cfg.prune_keep and full) else None
         pos = self._run_lm(h, pos, self.key_valid, prune)
         self._write_head_rows(self._last_lm_out, pos)
+        if self.kp_mods is not None:  # ada is linear: ada(time + kp) = ada(time) + W kp
+            m = self.model
+            cond = m.head.keypoint_cond(m.keypoints_from_memory(self._last_lm_out))  # last row: the state token
+            for i, blk in enumerate(m.head.blocks):
+                self.kp_mods[i].copy_(F.linear(cond, blk.ada.weight)[:, None])
         return self._last_key_valid[:, None, None, :]
 
     def _denoise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -332,7 +340,10 @@ class FastVLA:
             x = torch.zeros_like(x)  # regression from a fixed input; no noise
         for mods, coef in zip(self.mods, self.coefs):
             h = head.in_proj(x) + head.pos
-            for blk, kv, (sh1, sc1, g1, sh3, sc3, g3) in zip(head.blocks, self.head_kv, mods):
+            for i, (blk, kv, mod) in enumerate(zip(head.blocks, self.head_kv, mods)):
+                if self.kp_mods is not None:
+                    mod = mod + self.kp_mods[i]
+                sh1, sc1, g1, sh3, sc3, g3 = mod.chunk(6, dim=-1)
                 b, n, d = h.shape
                 a = blk.norm1(h) * (1 + sc1) + sh1
                 q, k, v = (blk._split(t) for t in blk.qkv(a).chunk(3, dim=-1))

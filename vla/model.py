@@ -148,10 +148,16 @@ class PrefixCache:
 
     kv: list[tuple[torch.Tensor, torch.Tensor]]
     mask: torch.Tensor  # (B, 1, 1, P) bool, True where attention is allowed
+    cond: torch.Tensor | None = None  # (B, d): the keypoint conditioning added to the time embedding
 
     def repeat(self, n: int) -> PrefixCache:
+        cond = None if self.cond is None else self.cond.repeat_interleave(n, 0)
         return PrefixCache([(k.repeat_interleave(n, 0), v.repeat_interleave(n, 0)) for k, v in self.kv],
-                           self.mask.repeat_interleave(n, 0))
+                           self.mask.repeat_interleave(n, 0), cond)
+
+    def first(self, n: int) -> PrefixCache:
+        cond = None if self.cond is None else self.cond[:n]
+        return PrefixCache([(k[:n], v[:n]) for k, v in self.kv], self.mask[:n], cond)
 
 
 class Block(nn.Module):
@@ -198,7 +204,7 @@ class Block(nn.Module):
 class ActionTransformer(nn.Module):
     """Maps (noisy) action tokens + a time to an output per token, attending to the prefix."""
 
-    def __init__(self, cfg: HeadConfig, action_dim: int, horizon: int, prefix_dim: int):
+    def __init__(self, cfg: HeadConfig, action_dim: int, horizon: int, prefix_dim: int, keypoints: int = 0):
         super().__init__()
         d = cfg.hidden
         self.d = d
@@ -209,13 +215,22 @@ class ActionTransformer(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp) for _ in range(cfg.layers))
         self.out_norm = nn.LayerNorm(d)
         self.out = nn.Linear(d, action_dim)
+        self.keypoint_cond = None
+        if keypoints:  # zero-init: a model trained without it starts out unchanged
+            self.keypoint_cond = nn.Linear(keypoints, d)
+            nn.init.zeros_(self.keypoint_cond.weight)
+            nn.init.zeros_(self.keypoint_cond.bias)
 
-    def prefix_cache(self, memory: torch.Tensor, mask: torch.Tensor) -> PrefixCache:
+    def prefix_cache(self, memory: torch.Tensor, mask: torch.Tensor,
+                     keypoints: torch.Tensor | None = None) -> PrefixCache:
         m = self.memory_proj(memory)
-        return PrefixCache([blk.prefix_kv(m) for blk in self.blocks], mask[:, None, None, :])
+        cond = self.keypoint_cond(keypoints) if self.keypoint_cond is not None else None
+        return PrefixCache([blk.prefix_kv(m) for blk in self.blocks], mask[:, None, None, :], cond)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
         cond = self.time(timestep_embedding(t, self.d))
+        if cache.cond is not None:
+            cond = cond + cache.cond
         h = self.in_proj(x) + self.pos
         for blk, kv in zip(self.blocks, cache.kv):
             h = blk(h, cond, kv, cache.mask)
@@ -238,7 +253,10 @@ class VLA(nn.Module):
         self.cfg = cfg
         self.backbone = backbone
         self.state_proj = nn.Linear(cfg.state_dim, backbone.hidden)
-        self.head = ActionTransformer(cfg.head, cfg.action_dim, cfg.horizon, backbone.hidden)
+        if cfg.keypoint_cond and cfg.keypoints <= 0:
+            raise ValueError("model.keypoint_cond needs model.keypoints > 0 (the keypoints it conditions on)")
+        self.head = ActionTransformer(cfg.head, cfg.action_dim, cfg.horizon, backbone.hidden,
+                                      cfg.keypoints if cfg.keypoint_cond else 0)
         self.keypoint_head = None
         if cfg.keypoints > 0:  # read from the last prefix token, which the causal LM lets see all others
             d = backbone.hidden
@@ -276,7 +294,10 @@ class VLA(nn.Module):
         if state_keep is not None:
             state_token = state_token * state_keep[:, None].to(state_token.dtype)
         memory, mask = self.backbone(input_ids, text_mask, x, state_token)
-        cache = self.head.prefix_cache(memory.float(), mask)
+        # keypoint_cond: the head sees the predicted keypoints, detached so the action loss leaves
+        # the keypoint head to its own supervision (what it reads at inference is what it trained on)
+        kp = self.keypoints_from_memory(memory).detach() if self.cfg.keypoint_cond else None
+        cache = self.head.prefix_cache(memory.float(), mask, kp)
         return (cache, memory) if return_memory else cache
 
     # --- training ---
@@ -292,7 +313,7 @@ class VLA(nn.Module):
         cache, memory = self.encode(images, input_ids, text_mask, state, state_keep, return_memory=True)
         n = len(actions)
         if len(images) > n:
-            cache = PrefixCache([(k[:n], v[:n]) for k, v in cache.kv], cache.mask[:n])
+            cache = cache.first(n)
         loss = self._action_loss(cache, actions, action_is_pad)
         if keypoints is not None and self.keypoint_head is not None:
             pred = self.keypoints_from_memory(memory)
