@@ -400,3 +400,36 @@ def test_scene_only_collection_feeds_the_keypoint_loss(tiny_dataset, tmp_path):
     assert np.isfinite(trainer.train_step(batch))
     with pytest.raises(ValueError, match="model.keypoints"):
         Trainer(tiny_cfg(), train_cfg(tiny_dataset, tmp_path / "run2", keypoint_dataset=str(scenes)), progress=False)
+
+
+def test_keypoint_conditioned_head_starts_from_an_artifact_without_it(tiny_dataset, tmp_path):
+    d = json.loads(json.dumps(TINY))
+    d["keypoint_cond"] = True
+    with pytest.raises(ValueError, match="keypoint_cond needs model.keypoints"):
+        VLA.build(VLAConfig.from_dict(d), build_tokenizer(["x"]))
+    d["keypoints"], d["keypoint_cond"] = 6, False
+    base = train(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "base", steps=2), progress=False)
+    d["keypoint_cond"] = True
+    trainer = Trainer(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "cond", steps=40, lr=2e-3,
+                                                        warmup_steps=1, init=str(base)), progress=False)
+    batch = trainer.make_batch(np.arange(0, len(trainer.ds), 4)[:8])
+    model, old = trainer.model.eval(), Policy.from_pretrained(base).model
+    noise = torch.randn(8, 4, 7, generator=torch.Generator().manual_seed(0))
+
+    def chunk(m, keypoints=None):
+        with torch.no_grad():
+            cache = m.encode(batch["images"], batch["input_ids"], batch["text_mask"], batch["state"])
+            if keypoints is not None:
+                cache.cond = m.head.keypoint_cond(keypoints)
+            return m.sample(cache, noise=noise)
+
+    assert torch.allclose(chunk(model), chunk(old), atol=1e-5)  # zero-initialized: the same policy at first
+    # the action loss reaches the conditioning layer, not the keypoint head (its input is detached)
+    model.train().zero_grad()
+    model.loss(**{**batch, "keypoint_weight": 0.0}).backward()
+    assert model.head.keypoint_cond.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in model.keypoint_head.parameters())
+    for _ in range(40):
+        trainer.train_step(batch)
+    model.eval()
+    assert not torch.allclose(chunk(model), chunk(model, batch["keypoints"] + 1.0), atol=1e-3)
