@@ -62,7 +62,10 @@ class SafetyFilter:
         if self.lower.shape != self.upper.shape or np.any(self.lower > self.upper):
             raise ValueError("joint limits need lower <= upper, one pair per channel")
         self.last: np.ndarray | None = None
-        self.clamped = 0
+        self.clamped = 0  # commands changed by a clamp
+        # per channel: how often the joint limits, and how often the rate limit, changed its value
+        self.limit_hits = np.zeros(self.lower.shape, int)
+        self.rate_hits = np.zeros(self.lower.shape, int)
 
     def start_from(self, position: np.ndarray) -> None:
         """The robot's measured position: the first command moves from here."""
@@ -74,9 +77,13 @@ class SafetyFilter:
         """The command to send for `target` (None or non-finite: hold)."""
         if target is None or np.shape(target) != self.lower.shape or not np.all(np.isfinite(target)):
             return self.hold()
-        cmd = np.clip(np.asarray(target, float), self.lower, self.upper)
+        target = np.asarray(target, float)
+        cmd = np.clip(target, self.lower, self.upper)
+        self.limit_hits += cmd != target
         if self.last is not None:
-            cmd = np.clip(cmd, self.last - self.max_step, self.last + self.max_step)
+            limited = np.clip(cmd, self.last - self.max_step, self.last + self.max_step)
+            self.rate_hits += limited != cmd
+            cmd = limited
         if not np.allclose(cmd, target):
             self.clamped += 1
         self.last = cmd

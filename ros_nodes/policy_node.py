@@ -306,6 +306,8 @@ class PolicyNode(Node):
             "jitter_ms_p50": _pct(self.jitter_ms, 50), "jitter_ms_p99": _pct(self.jitter_ms, 99),
             "dropped_periods": self.dropped, "chunk_age_s": min(self.player.age(now), 1e9),
             "clamped": self.safety.clamped, "rejected": dict(self.rejected),
+            "limit_hits": dict(zip(self.joint_names, self.safety.limit_hits.tolist())),
+            "rate_hits": dict(zip(self.joint_names, self.safety.rate_hits.tolist())),
         }
 
     def _publish_status(self) -> None:

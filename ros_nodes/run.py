@@ -91,5 +91,6 @@ def format_run(r: dict) -> str:
         f"control jitter ms p50 {f(s.get('jitter_ms_p50'))} p99 {f(s.get('jitter_ms_p99'))}; dropped periods "
         f"{s.get('dropped_periods')}; commands {s.get('commands')}; clamped {s.get('clamped')}; "
         f"rejected {json.dumps(s.get('rejected'))}",
+        f"clamped per channel: joint limits {json.dumps(s.get('limit_hits'))}, rate {json.dumps(s.get('rate_hits'))}",
         f"wall {r['wall_s']:.0f} s, CPU {r['cpu_cores_used']:.2f} cores",
     ])

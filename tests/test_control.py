@@ -25,9 +25,11 @@ def test_safety_clamps_limits_and_rate_and_never_passes_nan():
     s = SafetyFilter(lower=[-1, -1], upper=[1, 1], max_step=0.1)
     s.start_from(np.array([0.0, 0.0]))
     assert np.allclose(s.filter(np.array([5.0, -0.05])), [0.1, -0.05])  # rate-limited, then fine
+    assert s.limit_hits.tolist() == [1, 0] and s.rate_hits.tolist() == [1, 0]
     for _ in range(30):
         cmd = s.filter(np.array([5.0, 0.0]))
     assert cmd[0] == 1.0  # the joint limit holds
+    assert s.limit_hits.tolist() == [31, 0] and s.rate_hits.tolist() == [10, 0]  # 0.1 -> 1.0 in 9 more steps
     assert np.allclose(s.filter(np.array([np.nan, 0.0])), cmd)  # non-finite: hold
     assert np.allclose(s.filter(None), cmd)
     assert np.allclose(s.filter(np.array([1.0])), cmd)  # wrong size: hold
