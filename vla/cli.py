@@ -19,11 +19,12 @@ def _tasks(value: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
-def shipped_policy() -> Path:
-    """The policy trained here and committed with the package (see BENCHMARKS.md for how)."""
+def shipped_policy(name: str = "nano_l1") -> Path:
+    """A policy trained here and committed with the package (see BENCHMARKS.md for how): `nano_l1`,
+    the default (the best success and the fastest step), or `nano_diffusion`."""
     from importlib.resources import files
 
-    return Path(str(files("vla.policies") / "shipped" / "nano_diffusion"))
+    return Path(str(files("vla.policies") / "shipped" / name))
 
 
 def cmd_demo(args) -> int:
