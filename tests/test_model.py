@@ -103,6 +103,21 @@ def test_padded_steps_do_not_count_in_the_loss():
     assert torch.allclose(model.loss(images, ids, mask, state, actions, pad), base)
 
 
+def test_pad_loss_trains_the_chunk_past_the_episode_end_on_the_last_action(tiny_dataset, tmp_path):
+    masked = Trainer(tiny_cfg(type="l1"), train_cfg(tiny_dataset, tmp_path / "a"), progress=False)
+    padded = Trainer(tiny_cfg(type="l1"), train_cfg(tiny_dataset, tmp_path / "b", pad_loss=True), progress=False)
+    last = np.array([masked.ds.ep_end[0] - 1, masked.ds.ep_end[0] - 2])  # the last frames of episode 0
+    a, b = masked.make_batch(last), padded.make_batch(last)
+    assert a["action_is_pad"][0, 1:].all() and a["action_is_pad"][1, 2:].all() and not b["action_is_pad"].any()
+    assert torch.equal(a["actions"], b["actions"])  # the tail holds the episode's last action
+    assert torch.allclose(b["actions"][0], b["actions"][0, :1].expand_as(b["actions"][0]))
+    # the tail counts in the loss only with pad_loss
+    loss_a, loss_b = masked.model.loss(**a), padded.model.loss(**b)
+    b["actions"][:, 2:] += 5.0
+    a["actions"][:, 2:] += 5.0
+    assert torch.allclose(masked.model.loss(**a), loss_a) and padded.model.loss(**b) > loss_b + 1.0
+
+
 def test_tiny_model_overfits_a_tiny_dataset(tiny_dataset, tmp_path):
     trainer = Trainer(tiny_cfg(type="l1"), train_cfg(tiny_dataset, tmp_path / "run", steps=150, lr=2e-3,
                                                      warmup_steps=10), progress=False)

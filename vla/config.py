@@ -112,6 +112,9 @@ class TrainConfig:
     keypoint_batch: int = 64  # its samples per step, beside batch_size demonstration samples
     state_dropout: float = 0.0  # fraction of samples trained without the robot state: the target must
     #                             then come from the images, not from where the arm already went
+    pad_loss: bool = False  # also train the chunk steps past an episode's end, on its last action
+    #                         repeated (Diffusion Policy's way); off masks them out (ACT's). Demos end
+    #                         at success, so masked, what a chunk does after "let go" is never taught
     threads: int = 0  # torch threads on CPU; 0 keeps torch's default
 
     @classmethod

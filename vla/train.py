@@ -244,7 +244,8 @@ class Trainer:
         b = self.ds.batch(idx)
         batch = self._inputs(self.ds, b, self.task_ids, self.task_mask)
         batch["actions"] = self.norm.action(torch.from_numpy(b["action"]).to(self.device))
-        batch["action_is_pad"] = torch.from_numpy(b["action_is_pad"]).to(self.device)
+        pad = torch.from_numpy(b["action_is_pad"]).to(self.device)
+        batch["action_is_pad"] = torch.zeros_like(pad) if self.cfg.pad_loss else pad
         if self.cfg.state_dropout > 0:
             batch["state_keep"] = (torch.rand(len(idx)) >= self.cfg.state_dropout).to(self.device)
         if self.keypoint_norm is not None:
