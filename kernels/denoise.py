@@ -1,9 +1,13 @@
 """The head's output layer fused with the sampler's update.
 
-Per action token: eps = LayerNorm(h) @ W.T + b (the head's output), then
-  x0 = clamp((x - c[0] * eps) / c[1], -c[4], c[4]);  x_next = c[2] * x0 + c[3] * eps.
-DDIM (eta 0, epsilon prediction, clipped x0) is c = (sqrt(1 - a_t), sqrt(a_t), sqrt(a_prev),
-sqrt(1 - a_prev), clip); a flow Euler step x - dt * v is c = (0, 1, 1, -dt, inf).
+Per action token: out = LayerNorm(h) @ W.T + b (the head's output), then
+  x0 = clamp(c[0] * x + c[1] * out, -c[6], c[6]);  eps = c[2] * x + c[3] * out;
+  x_next = c[4] * x0 + c[5] * eps.
+With s = sqrt(a_t), r = sqrt(1 - a_t): DDIM (eta 0, clipped x0) predicting epsilon is
+c = (1/s, -r/s, 0, 1, sqrt(a_prev), sqrt(1 - a_prev), clip), predicting the sample
+c = (0, 1, 1/r, -s/r, sqrt(a_prev), sqrt(1 - a_prev), clip) (diffusers derives eps from the
+unclipped sample); a flow Euler step x - dt * v is (1, -dt, 0, 0, 1, 0, inf); the L1 head's
+output itself is (0, 1, 0, 0, 1, 0, inf).
 """
 
 from __future__ import annotations
@@ -15,14 +19,14 @@ from vla.kernels.attention import _Lazy
 
 
 def denoise_update_ref(h, ln_w, ln_b, w, b, x, coef):
-    eps = F.linear(F.layer_norm(h.float(), (h.shape[-1],), ln_w, ln_b, 1e-5), w, b)
-    x0 = ((x - coef[0] * eps) / coef[1]).clamp(-coef[4], coef[4])
-    return coef[2] * x0 + coef[3] * eps
+    out = F.linear(F.layer_norm(h.float(), (h.shape[-1],), ln_w, ln_b, 1e-5), w, b)
+    x0 = (coef[0] * x + coef[1] * out).clamp(-coef[6], coef[6])
+    return coef[4] * x0 + coef[5] * (coef[2] * x + coef[3] * out)
 
 
 def denoise_update(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                    x: torch.Tensor, coef: torch.Tensor, force: str | None = None) -> torch.Tensor:
-    """h (B, H, D) head features, x (B, H, A) current sample, w (A, D), coef (5,) float32 tensor."""
+    """h (B, H, D) head features, x (B, H, A) current sample, w (A, D), coef (7,) float32 tensor."""
     from vla.kernels import use_triton
 
     if not use_triton(h, force):
@@ -55,12 +59,12 @@ def _define_kernel():
         hn = hc / tl.sqrt(var + 1e-5) * tl.load(lnw_ptr + od, mask=dm, other=0.0) \
             + tl.load(lnb_ptr + od, mask=dm, other=0.0)
         w = tl.load(w_ptr + oa[:, None] * D + od[None, :], mask=am[:, None] & dm[None, :], other=0.0)
-        eps = tl.sum(w * hn[None, :], axis=1) + tl.load(b_ptr + oa, mask=am, other=0.0)
+        out = tl.sum(w * hn[None, :], axis=1) + tl.load(b_ptr + oa, mask=am, other=0.0)
         x = tl.load(x_ptr + row * A + oa, mask=am, other=0.0)
-        c0, c1, c2 = tl.load(c_ptr), tl.load(c_ptr + 1), tl.load(c_ptr + 2)
-        c3, c4 = tl.load(c_ptr + 3), tl.load(c_ptr + 4)
-        x0 = tl.minimum(tl.maximum((x - c0 * eps) / c1, -c4), c4)
-        tl.store(o_ptr + row * A + oa, c2 * x0 + c3 * eps, mask=am)
+        c0, c1, c2, c3 = tl.load(c_ptr), tl.load(c_ptr + 1), tl.load(c_ptr + 2), tl.load(c_ptr + 3)
+        c4, c5, c6 = tl.load(c_ptr + 4), tl.load(c_ptr + 5), tl.load(c_ptr + 6)
+        x0 = tl.minimum(tl.maximum(c0 * x + c1 * out, -c6), c6)
+        tl.store(o_ptr + row * A + oa, c4 * x0 + c5 * (c2 * x + c3 * out), mask=am)
 
     return kernel
 

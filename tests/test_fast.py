@@ -24,8 +24,10 @@ TEXTS = ["press the red button", "press the blue button"]
 
 
 def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False) -> VLA:
+    """head: diffusion (predicting the noise), diffusion-sample (predicting the chunk), flow or l1."""
     d = json.loads(json.dumps(TINY))
-    d["head"]["type"] = head
+    d["head"]["type"], _, prediction = head.partition("-")
+    d["head"]["prediction_type"] = prediction or "epsilon"
     d["image_size"] = image_size
     if keypoint_cond:
         d["keypoints"], d["keypoint_cond"] = 6, True
@@ -49,8 +51,10 @@ def test_pixel_shuffle_groups_are_2x2_blocks():
     assert g.shape == (4, 4) and sorted(g[0].tolist()) == [0, 1, 4, 5] and sorted(g[3].tolist()) == [10, 11, 14, 15]
 
 
-@pytest.mark.parametrize("head,image_size,kp", [("diffusion", SIZE, False), ("flow", SIZE, False), ("l1", SIZE, False),
-                                                ("diffusion", 48, False), ("diffusion", SIZE, True), ("l1", SIZE, True)])
+@pytest.mark.parametrize("head,image_size,kp", [("diffusion", SIZE, False), ("diffusion-sample", SIZE, False),
+                                                ("flow", SIZE, False), ("l1", SIZE, False), ("diffusion", 48, False),
+                                                ("diffusion", SIZE, True), ("diffusion-sample", SIZE, True),
+                                                ("l1", SIZE, True)])
 def test_full_step_equals_the_plain_path(head, image_size, kp):
     model = tiny_model(head, image_size, keypoint_cond=kp)
     g = torch.Generator().manual_seed(1)

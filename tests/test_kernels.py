@@ -77,7 +77,8 @@ def test_denoise_update_matches_reference(b, h, d, a, device):
     hs, x = torch.randn(b, h, d, generator=g).to(device), torch.randn(b, h, a, generator=g).to(device) * 2
     ln_w, ln_b = torch.rand(d, generator=g).to(device) + 0.5, torch.randn(d, generator=g).to(device) * 0.1
     w, bias = torch.randn(a, d, generator=g).to(device) * 0.1, torch.randn(a, generator=g).to(device) * 0.1
-    for coef in ([0.6, 0.8, 0.9, 0.43589, 1.0], [0.0, 1.0, 1.0, -0.1, float("inf")]):
+    for coef in ([1.25, -0.75, 0.0, 1.0, 0.9, 0.43589, 1.0], [0.0, 1.0, 1.6667, -1.3333, 0.9, 0.43589, 1.0],
+                 [1.0, -0.1, 0.0, 0.0, 1.0, 0.0, float("inf")]):
         c = torch.tensor(coef, device=device)
         ref = denoise_update(hs, ln_w, ln_b, w, bias, x, c, force="torch")
         out = denoise_update(hs, ln_w, ln_b, w, bias, x, c, force="triton")

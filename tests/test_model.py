@@ -118,6 +118,32 @@ def test_pad_loss_trains_the_chunk_past_the_episode_end_on_the_last_action(tiny_
     assert torch.allclose(masked.model.loss(**a), loss_a) and padded.model.loss(**b) > loss_b + 1.0
 
 
+def test_sample_prediction_trains_and_samples_the_clean_chunk():
+    """prediction_type=sample: the head's output is the chunk. A head whose output is a constant c
+    (weights zeroed, bias c) has zero loss on chunks equal to c and samples exactly c; predicting
+    the noise, the same head does neither."""
+    c = torch.tensor([0.5, -0.25, 0.0, 0.75, -0.5, 0.1, 0.9])
+    tok = build_tokenizer(["press the red button"])
+    ids, mask = VLA.build(tiny_cfg(), tok).backbone.tokenize(["press the red button"] * 2)
+    images, state = torch.rand(2, 2, 3, SIZE, SIZE), torch.zeros(2, 7)
+    actions, pad = c.expand(2, 4, 7).clone(), torch.zeros(2, 4, dtype=torch.bool)
+    for prediction, exact in (("sample", True), ("epsilon", False)):
+        torch.manual_seed(0)
+        model = VLA.build(tiny_cfg(prediction_type=prediction), tok)
+        with torch.no_grad():
+            model.head.out.weight.zero_()
+            model.head.out.bias.copy_(c)
+        loss = model.loss(images, ids, mask, state, actions, pad)
+        chunk = model.sample(model.encode(images, ids, mask, state), generator=torch.Generator().manual_seed(0))
+        assert (loss.item() < 1e-10) == exact, (prediction, loss.item())
+        assert torch.allclose(chunk, actions, atol=1e-5) == exact, prediction
+
+
+def test_unknown_prediction_type_is_refused():
+    with pytest.raises(ValueError, match="prediction_type"):
+        tiny_cfg(prediction_type="v_prediction")
+
+
 def test_tiny_model_overfits_a_tiny_dataset(tiny_dataset, tmp_path):
     trainer = Trainer(tiny_cfg(type="l1"), train_cfg(tiny_dataset, tmp_path / "run", steps=150, lr=2e-3,
                                                      warmup_steps=10), progress=False)

@@ -256,7 +256,7 @@ def kernel_bench(device: str = "cuda", repeats: int = 200) -> list[dict]:
         cases.append((f"region_change {cams}x3x{size}x{size} region {region}", triton(region_change),
                       region_change_ref, (rnd(cams, 3, size, size), rnd(cams, 3, size, size), region)))
     for b, h, d, a in ((1, 16, 128, 7), (64, 16, 128, 7), (256, 50, 512, 32)):
-        coef = torch.tensor([0.3, 0.9, 0.95, 0.2, 1.0], device=device)
+        coef = torch.tensor([1.1, -0.5, 0.0, 1.0, 0.95, 0.2, 1.0], device=device)
         cases.append((f"denoise_update B{b} H{h} d{d} A{a}", triton(denoise_update), denoise_update_ref,
                       (rnd(b, h, d), rnd(d), rnd(d), rnd(a, d), rnd(a), rnd(b, h, a), coef)))
     rows = []

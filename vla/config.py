@@ -44,6 +44,8 @@ class HeadConfig:
     train_timesteps: int = 100  # diffusion: DDPM steps in training
     inference_steps: int = 10  # diffusion: DDIM steps; flow: Euler steps
     beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "epsilon"  # diffusion: what the head predicts, "epsilon" (the noise) or
+    #                                   "sample" (the clean chunk, as RDT-1B; trains like L1 at high noise)
     noise_samples: int = 4  # noisy copies per sample in training (the head is cheap next to the backbone)
 
 
@@ -77,6 +79,8 @@ class VLAConfig:
         cfg = cls(backbone=backbone, head=head, **d)
         if cfg.head.type not in ("diffusion", "flow", "l1"):
             raise ValueError(f"head.type must be diffusion, flow or l1, got {cfg.head.type!r}")
+        if cfg.head.prediction_type not in ("epsilon", "sample"):
+            raise ValueError(f"head.prediction_type must be epsilon or sample, got {cfg.head.prediction_type!r}")
         if cfg.n_action_steps > cfg.horizon:
             raise ValueError(f"n_action_steps {cfg.n_action_steps} > horizon {cfg.horizon}")
         return cfg

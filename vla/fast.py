@@ -198,23 +198,25 @@ class FastVLA:
     @torch.no_grad()
     def _precompute_sampler(self):
         m, h = self.model, self.model.cfg.head
-        if h.type == "diffusion":
+        if h.type == "diffusion":  # the coefficients of kernels/denoise.py
             sch = m.infer_scheduler
             ac = sch.alphas_cumprod
             stride = sch.config.num_train_timesteps // sch.num_inference_steps
+            clip = sch.config.clip_sample_range
             times, coefs = [], []
             for t in sch.timesteps.tolist():
-                a_t = ac[t]
-                a_prev = ac[t - stride] if t - stride >= 0 else sch.final_alpha_cumprod
+                a_t = float(ac[t])
+                a_prev = float(ac[t - stride] if t - stride >= 0 else sch.final_alpha_cumprod)
+                s, r = math.sqrt(a_t), math.sqrt(1 - a_t)
+                to_x0_eps = [1 / s, -r / s, 0.0, 1.0] if h.prediction_type == "epsilon" else [0.0, 1.0, 1 / r, -s / r]
                 times.append(float(t))
-                coefs.append([math.sqrt(1 - a_t), math.sqrt(a_t), math.sqrt(a_prev), math.sqrt(1 - a_prev),
-                              sch.config.clip_sample_range])
+                coefs.append(to_x0_eps + [math.sqrt(a_prev), math.sqrt(1 - a_prev), clip])
         elif h.type == "flow":
             dt = 1.0 / h.inference_steps
             times = [(1.0 - i * dt) * 1000.0 for i in range(h.inference_steps)]
-            coefs = [[0.0, 1.0, 1.0, -dt, math.inf]] * h.inference_steps
+            coefs = [[1.0, -dt, 0.0, 0.0, 1.0, 0.0, math.inf]] * h.inference_steps
         else:  # l1: one pass from zeros; the output is the chunk
-            times, coefs = [0.0], [[0.0, 1.0, 0.0, 1.0, math.inf]]
+            times, coefs = [0.0], [[0.0, 1.0, 0.0, 0.0, 1.0, 0.0, math.inf]]
         head = m.head
         self.coefs = torch.tensor(coefs, dtype=torch.float32, device=self.device)
         self.mods = []  # per step, per block: the adaLN tensor (1, 1, 6 d) of the time embedding

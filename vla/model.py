@@ -264,7 +264,7 @@ class VLA(nn.Module):
         h = cfg.head
         if h.type == "diffusion":
             common = dict(num_train_timesteps=h.train_timesteps, beta_schedule=h.beta_schedule,
-                          clip_sample=True, clip_sample_range=1.0, prediction_type="epsilon")
+                          clip_sample=True, clip_sample_range=1.0, prediction_type=h.prediction_type)
             self.train_scheduler = DDPMScheduler(**common)
             self.infer_scheduler = DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0)
             self.infer_scheduler.set_timesteps(h.inference_steps)
@@ -339,7 +339,7 @@ class VLA(nn.Module):
         if h.type == "diffusion":
             t = torch.randint(0, h.train_timesteps, (b,), device=x0.device)
             xt = self.train_scheduler.add_noise(x0, noise, t)
-            target = noise
+            target = noise if h.prediction_type == "epsilon" else x0
         else:  # flow matching, pi0's convention: t=1 is noise, t=0 data; t ~ Beta(1.5, 1)
             t = torch.distributions.Beta(1.5, 1.0).sample((b,)).to(x0.device) * 0.999 + 0.001
             xt = t[:, None, None] * noise + (1 - t[:, None, None]) * x0
@@ -362,8 +362,8 @@ class VLA(nn.Module):
         x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
         if h.type == "diffusion":
             for t in self.infer_scheduler.timesteps:
-                eps = self.head(x, t.expand(b).to(device), cache)
-                x = self.infer_scheduler.step(eps, t, x).prev_sample
+                out = self.head(x, t.expand(b).to(device), cache)
+                x = self.infer_scheduler.step(out, t, x).prev_sample
             return x
         dt = 1.0 / h.inference_steps
         for i in range(h.inference_steps):
