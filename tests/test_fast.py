@@ -133,14 +133,23 @@ def test_bad_fast_configs_are_refused():
         FastVLA(tiny_model(), FastConfig(prune_keep=999))
 
 
-@pytest.mark.parametrize("kp", [False, True])
-def test_compiled_step_gives_the_same_actions(kp):
+@pytest.mark.parametrize("kp,reuse", [(False, False), (True, False), (False, True)])
+def test_compiled_step_gives_the_same_actions(kp, reuse):
     model = tiny_model(keypoint_cond=kp)
     g = torch.Generator().manual_seed(4)
     images, state, noise = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.randn(7, generator=g), torch.randn(1, 4, 7)
-    eager = FastVLA(model, FastConfig()).step(images, TEXTS[0], state, noise)
-    compiled = FastVLA(model, FastConfig(compile=True)).step(images, TEXTS[0], state, noise)
-    assert torch.allclose(compiled, eager, atol=1e-4)
+    moved = images.clone()
+    moved[:, :, :4, :4] = 1 - moved[:, :, :4, :4]  # one token region per camera changes: a partial step
+    eager = FastVLA(model, FastConfig(reuse=reuse))
+    engine = FastVLA(model, FastConfig(reuse=reuse, compile=True))
+    engine.warmup(images, TEXTS[0], state, noise)
+    # the warm-up compiled every shape: no step compiles mid-episode
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for frame in (images, moved):
+            assert torch.allclose(engine.step(frame, TEXTS[0], state, noise),
+                                  eager.step(frame, TEXTS[0], state, noise), atol=1e-4)
+    if reuse:
+        assert engine.stats["partial"] == eager.stats["partial"] == 1
 
 
 def test_cuda_graphs_need_cuda_and_the_eager_step():

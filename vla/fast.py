@@ -390,7 +390,8 @@ class FastVLA:
         full = torch.arange(self.tokens, device=self.device)
         sizes = [self.tokens, self.tokens - int(self.cfg.reuse_max * self.tokens)] if self.cfg.reuse else [self.tokens]
         for combo in itertools.product(sizes, repeat=self.n_cam):
-            mask = self.encode(x, [full[:n] for n in combo], state_token)
+            # full cameras share one index tensor, as `select` gives them: dynamo guards on aliasing
+            mask = self.encode(x, [full if n == self.tokens else full[:n] for n in combo], state_token)
         self.denoise(noise.to(self.device), mask)
         self.set_instruction(text)
         self._warm = True
