@@ -10,9 +10,11 @@ messages are rejected with a logged reason and counted. Figures go out as JSON o
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections import Counter, deque
+from pathlib import Path
 
 import numpy as np
 import rclpy
@@ -58,6 +60,11 @@ def _pct(xs, q) -> float | None:
 
 class PolicyNode(Node):
     def __init__(self, policy=None, **overrides):
+        """policy: a `Policy` (or client) to use as is, or an artifact directory (the `policy`
+        parameter); None: the `policy` parameter, by default the shipped artifact. overrides: other
+        parameters by name."""
+        if isinstance(policy, (str, os.PathLike)):
+            overrides["policy"], policy = str(policy), None
         super().__init__("vla_policy", parameter_overrides=[])
         p = self.declare_parameters("", [
             ("policy", ""), ("remote", ""), ("fast", "on"), ("image_topic_prefix", "/camera"),
@@ -132,6 +139,8 @@ class PolicyNode(Node):
         from vla.ros_nodes.server import PolicyClient
 
         self._server = None
+        if path and not remote and not (Path(path) / "config.json").is_file():
+            raise ValueError(f"policy: {path} is not a policy artifact (no config.json there)")
         if not remote:
             import subprocess
             import sys
@@ -314,6 +323,8 @@ class PolicyNode(Node):
         self.status_pub.publish(String(data=json.dumps(self.status())))
 
     def destroy_node(self):
+        if not hasattr(self, "_infer_thread"):  # __init__ failed before starting it (bad parameters)
+            return super().destroy_node()
         self._running = False
         with self.lock:
             self._new_obs.notify_all()

@@ -47,7 +47,13 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
         return u.ru_utime + u.ru_stime + c.ru_utime + c.ru_stime
 
     cpu0, wall0 = cpu_s(), time.perf_counter()
-    node = PolicyNode(policy=policy, **params)
+    path = params.pop("policy", "")  # the `policy` parameter (an artifact directory) shares the name
+    try:
+        node = PolicyNode(policy=policy if policy is not None else (path or None), **params)
+    except BaseException:
+        rclpy.shutdown()  # a bad parameter leaves ROS as it found it
+        raise
+    policy_path = node.get_parameter("policy").value  # "" for the shipped one or an object passed in
     try:
         spec = node.policy.spec
         for task in tasks:
@@ -74,7 +80,7 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
     wall = time.perf_counter() - wall0
     cpu = (cpu_s() - cpu0) / wall
     final = statuses[-1] if statuses else {}
-    return {"episodes": results, "success_rate": sum(r["success"] for r in results) / max(1, len(results)),
+    return {"policy": policy_path, "episodes": results, "success_rate": sum(r["success"] for r in results) / max(1, len(results)),
             "status": final, "wall_s": wall, "cpu_cores_used": cpu}
 
 

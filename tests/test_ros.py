@@ -74,6 +74,20 @@ class Robot(Node):
         return [c for ts, c in self.commands if ts >= t]
 
 
+def test_run_takes_an_artifact_directory_for_the_policy_parameter():
+    """`vla run --policy DIR` puts DIR in the node's `policy` parameter, which shares its name with
+    PolicyNode's policy argument (once a TypeError). No task: the node starts, loads DIR, stops.
+    Runs before the module's `graph` fixture, since run() owns rclpy.init/shutdown."""
+    from vla.cli import shipped_policy
+    from vla.ros_nodes.run import run
+
+    path = str(shipped_policy("nano_diffusion"))
+    r = run([], params={"policy": path}, domain_id=150 + os.getpid() % 50, progress=False)
+    assert r["policy"] == path and r["episodes"] == []
+    with pytest.raises(ValueError, match="/nonexistent/artifact is not a policy artifact"):
+        run([], params={"policy": "/nonexistent/artifact"}, domain_id=150 + os.getpid() % 50, progress=False)
+
+
 @pytest.fixture(scope="module")
 def graph():
     os.environ["ROS_DOMAIN_ID"] = str(100 + os.getpid() % 100)
