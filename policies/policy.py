@@ -135,6 +135,20 @@ class Policy:
             chunk = self.model.sample(self.model.encode(images, ids, mask, state), noise=noise)
         return self.norm.unaction(chunk)[0].float().cpu().numpy()
 
+    @torch.no_grad()
+    def keypoints(self, obs: dict) -> np.ndarray:
+        """The keypoint head's reading of this observation in the dataset's units (the sim: the named
+        object's xyz, then its goal's xyz, in metres)."""
+        if self.model.keypoint_head is None:
+            raise ValueError("this policy has no keypoint head (model.keypoints: 0)")
+        if self.norm.keypoint_mean is None:
+            raise ValueError("this artifact's stats.json has no keypoint normalization (trained before it was saved)")
+        self._check(obs)
+        images, state = self.prepare(obs)
+        ids, mask = self._text(obs["task"])
+        _, memory = self.model.encode(images, ids, mask, state, return_memory=True)
+        return self.norm.keypoints(self.model.keypoints_from_memory(memory))[0].float().cpu().numpy()
+
     def act(self, obs: dict) -> np.ndarray:
         self._check(obs)  # also when the action comes from the queue: bad input is refused every step
         if self.ensemble == "queue":

@@ -4,7 +4,8 @@ keypoint head's error on the first and the last frame.
 
     .venv/bin/python scripts/diagnose_rollouts.py POLICY TASK EPISODES [DATASET]
 
-DATASET (default data/suite96_v3) gives the keypoint normalization, which artifacts do not carry.
+Needs an artifact with a keypoint head. The keypoint normalization comes from its stats.json (the
+shipped ones, and artifacts trained since session 6), else from DATASET (default data/suite96_v3).
 Runs `--fast on`, on the evaluation seeds, one line of JSON per episode.
 """
 
@@ -20,25 +21,19 @@ from vla.sim import make_env
 from vla.sim.collect import EVAL_SEED_START
 
 
-def keypoints(policy, obs, mean, std):
-    with torch.no_grad():
-        images, state = policy.prepare(obs)
-        ids, mask = policy._text(obs["task"])
-        _, memory = policy.model.encode(images, ids, mask, state, return_memory=True)
-        return policy.model.keypoints_from_memory(memory)[0].numpy() * std + mean
-
-
 def main(path, task, episodes, dataset="data/suite96_v3"):
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(path, fast=FastConfig())
-    stats = json.load(open(f"{dataset}/meta/stats.json"))["observation.environment_state"]
-    mean, std = np.array(stats["mean"]), np.maximum(np.array(stats["std"]), 1e-3)
+    if policy.norm.keypoint_mean is None:  # an artifact from before session 6
+        stats = json.load(open(f"{dataset}/meta/stats.json"))["observation.environment_state"]
+        policy.norm.keypoint_mean = torch.tensor(stats["mean"], dtype=torch.float32)
+        policy.norm.keypoint_std = torch.tensor(stats["std"], dtype=torch.float32).clamp(min=1e-3)
     env = make_env(task, image_size=policy.spec["image_size"], cameras=tuple(policy.spec["cameras"]))
     for seed in range(EVAL_SEED_START, EVAL_SEED_START + int(episodes)):
         obs, info = env.reset(seed=seed)
         policy.reset(seed)
         t = env.task
-        kp0, true0 = keypoints(policy, obs, mean, std), t.keypoints()
+        kp0, true0 = policy.keypoints(obs), t.keypoints()
         max_z, closest = 0.0, float("inf")
         for _ in range(env.max_episode_steps):
             obs, _, terminated, truncated, info = env.step(policy.act(obs))
@@ -48,7 +43,7 @@ def main(path, task, episodes, dataset="data/suite96_v3"):
                 closest = min(closest, float(np.linalg.norm(c[:2] - g[:2])))
             if terminated or truncated:
                 break
-        kp1 = keypoints(policy, obs, mean, std)
+        kp1 = policy.keypoints(obs)
         c, g = t.target_pos(), t.goal_pos()
         print(json.dumps({
             "seed": seed, "success": bool(info["success"]), "max_z": round(max_z, 3),

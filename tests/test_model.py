@@ -409,6 +409,27 @@ def test_keypoint_head_learns_the_recorded_targets_and_state_dropout_hides_the_s
     assert after < 0.3 * before, (before, after)
 
 
+def test_artifact_carries_the_keypoint_normalization_and_policy_reads_keypoints_in_metres(
+        tiny_dataset, tmp_path, trained):
+    d = json.loads(json.dumps(TINY))
+    d["keypoints"] = 6
+    final = train(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "run", steps=2), progress=False)
+    truth = json.loads((tiny_dataset / "meta" / "stats.json").read_text())["observation.environment_state"]
+    saved = json.loads((final / "stats.json").read_text())["observation.environment_state"]
+    assert saved == {k: truth[k] for k in ("mean", "std")}
+    policy, obs = Policy.from_pretrained(final), _obs()
+    kp = policy.keypoints(obs)
+    with torch.no_grad():  # the head's normalized output, un-normalized with the dataset's own stats
+        images, state = policy.prepare(obs)
+        ids, mask = policy.model.backbone.tokenize([obs["task"]])
+        _, memory = policy.model.encode(images, ids, mask, state, return_memory=True)
+        raw = policy.model.keypoints_from_memory(memory)[0].numpy()
+    expected = raw * np.maximum(np.array(truth["std"]), 1e-3) + np.array(truth["mean"])
+    assert kp.shape == (6,) and np.allclose(kp, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="no keypoint head"):
+        Policy.from_pretrained(trained[1]).keypoints(obs)
+
+
 def test_keypoints_need_a_matching_environment_state(tiny_dataset, tmp_path):
     d = json.loads(json.dumps(TINY))
     d["keypoints"] = 5  # the dataset records 6

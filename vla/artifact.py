@@ -4,7 +4,7 @@
     backbone_config.json  the Idefics3Config the weights belong to (so loading needs no hub)
     tokenizer/            the tokenizer (save_pretrained layout)
     model.safetensors     weights (the EMA weights when trained with EMA)
-    stats.json            normalization: state mean/std, action min/max
+    stats.json            normalization: state mean/std, action min/max (+ keypoint mean/std)
     spec.json             what the policy consumes and produces (cameras, image size, dims, fps)
     recipe.yaml           the training recipe that made it (when trained here)
 Nothing in it is pickled.
@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from vla.config import VLAConfig
 
 FORMAT_VERSION = 1
+ENV_STATE = "observation.environment_state"  # LeRobot's key; the keypoint head's targets
 
 
 class Normalizer:
@@ -35,11 +36,17 @@ class Normalizer:
         self.state_std = torch.tensor(s["std"], dtype=torch.float32).clamp(min=1e-3)
         self.action_min = torch.tensor(a["min"], dtype=torch.float32)
         self.action_scale = (torch.tensor(a["max"], dtype=torch.float32) - self.action_min).clamp(min=1e-4)
+        k = stats.get(ENV_STATE)  # keypoint head's targets; artifacts before session 6 lack it
+        self.keypoint_mean = None if k is None else torch.tensor(k["mean"], dtype=torch.float32)
+        self.keypoint_std = None if k is None else torch.tensor(k["std"], dtype=torch.float32).clamp(min=1e-3)
 
     @staticmethod
-    def stats_from_dataset(dataset_stats: dict) -> dict:
-        return {"observation.state": {k: dataset_stats["observation.state"][k] for k in ("mean", "std")},
-                "action": {k: dataset_stats["action"][k] for k in ("min", "max")}}
+    def stats_from_dataset(dataset_stats: dict, keypoints: bool = False) -> dict:
+        out = {"observation.state": {k: dataset_stats["observation.state"][k] for k in ("mean", "std")},
+               "action": {k: dataset_stats["action"][k] for k in ("min", "max")}}
+        if keypoints and ENV_STATE in dataset_stats:
+            out[ENV_STATE] = {k: dataset_stats[ENV_STATE][k] for k in ("mean", "std")}
+        return out
 
     def state(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.state_mean.to(x.device)) / self.state_std.to(x.device)
@@ -49,6 +56,12 @@ class Normalizer:
 
     def unaction(self, x: torch.Tensor) -> torch.Tensor:
         return (x + 1) / 2 * self.action_scale.to(x.device) + self.action_min.to(x.device)
+
+    def keypoints(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.keypoint_std.to(x.device) + self.keypoint_mean.to(x.device)
+
+    def keypoints_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.keypoint_mean.to(x.device)) / self.keypoint_std.to(x.device)
 
 
 def save_artifact(path: str | Path, model, spec: dict, stats: dict, recipe: dict | None = None,

@@ -157,15 +157,12 @@ class Trainer:
             raise DatasetError(f"{cfg.dataset}: camera frames are {shape[0]}x{shape[1]} but the model config "
                                f"says image_size={model_cfg.image_size}")
         stats_path = Path(cfg.dataset) / "meta" / "stats.json"
-        self.stats = Normalizer.stats_from_dataset(json.loads(stats_path.read_text()))
-        self.norm = Normalizer(self.stats)
-        self.spec = make_spec(model_cfg, self.ds)
-        self.keypoint_norm = None
         if model_cfg.keypoints > 0:
             _require_keypoints(self.ds, cfg.dataset, model_cfg.keypoints, "vla collect records one")
-            st = json.loads(stats_path.read_text())[self.ds.env_state_key]
-            self.keypoint_norm = (torch.tensor(st["mean"], dtype=torch.float32, device=self.device),
-                                  torch.tensor(st["std"], dtype=torch.float32, device=self.device).clamp(min=1e-3))
+        self.stats = Normalizer.stats_from_dataset(json.loads(stats_path.read_text()), model_cfg.keypoints > 0)
+        self.norm = Normalizer(self.stats)
+        self.spec = make_spec(model_cfg, self.ds)
+        self.train_keypoints = model_cfg.keypoints > 0
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         tokenizer = build_tokenizer(self.ds.meta.tasks.values()) if not model_cfg.backbone.pretrained else None
@@ -192,7 +189,7 @@ class Trainer:
         self.batches = Batches(len(self.ds), cfg.batch_size, cfg.seed, self.rank, self.world, pool)
         self.kp_ds = None
         if cfg.keypoint_dataset:
-            if self.keypoint_norm is None:
+            if not self.train_keypoints:
                 raise ValueError("train.keypoint_dataset needs model.keypoints > 0")
             self.kp_ds = LeRobotDataset(cfg.keypoint_dataset, horizon=1, cameras=list(model_cfg.cameras))
             _require_keypoints(self.kp_ds, cfg.keypoint_dataset, model_cfg.keypoints,
@@ -235,9 +232,8 @@ class Trainer:
         t = torch.from_numpy(b["task_index"]).to(self.device)
         out = {"images": images, "input_ids": task_ids[t], "text_mask": task_mask[t],
                "state": self.norm.state(torch.from_numpy(b["observation.state"]).to(self.device))}
-        if self.keypoint_norm is not None:
-            mean, std = self.keypoint_norm
-            out["keypoints"] = (torch.from_numpy(b[ds.env_state_key]).to(self.device) - mean) / std
+        if self.train_keypoints:
+            out["keypoints"] = self.norm.keypoints_normalized(torch.from_numpy(b[ds.env_state_key]).to(self.device))
         return out
 
     def make_batch(self, idx: np.ndarray) -> dict:
@@ -248,7 +244,7 @@ class Trainer:
         batch["action_is_pad"] = torch.zeros_like(pad) if self.cfg.pad_loss else pad
         if self.cfg.state_dropout > 0:
             batch["state_keep"] = (torch.rand(len(idx)) >= self.cfg.state_dropout).to(self.device)
-        if self.keypoint_norm is not None:
+        if self.train_keypoints:
             batch["keypoint_weight"] = self.cfg.keypoint_weight
         if self.kp_ds is not None:  # keypoint-only scenes, appended after the demonstration rows
             scenes = self._inputs(self.kp_ds, self.kp_ds.batch(self.kp_batches.next()),
