@@ -80,7 +80,8 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
     wall = time.perf_counter() - wall0
     cpu = (cpu_s() - cpu0) / wall
     final = statuses[-1] if statuses else {}
-    return {"policy": policy_path, "episodes": results, "success_rate": sum(r["success"] for r in results) / max(1, len(results)),
+    return {"policy": policy_path, "episodes": results,
+            "success_rate": sum(r["success"] for r in results) / max(1, len(results)),
             "status": final, "wall_s": wall, "cpu_cores_used": cpu}
 
 
