@@ -157,12 +157,12 @@ class Trainer:
             raise DatasetError(f"{cfg.dataset}: camera frames are {shape[0]}x{shape[1]} but the model config "
                                f"says image_size={model_cfg.image_size}")
         stats_path = Path(cfg.dataset) / "meta" / "stats.json"
-        if model_cfg.keypoints > 0:
+        self.train_keypoints = model_cfg.keypoints > 0
+        if self.train_keypoints:
             _require_keypoints(self.ds, cfg.dataset, model_cfg.keypoints, "vla collect records one")
-        self.stats = Normalizer.stats_from_dataset(json.loads(stats_path.read_text()), model_cfg.keypoints > 0)
+        self.stats = Normalizer.stats_from_dataset(json.loads(stats_path.read_text()), self.train_keypoints)
         self.norm = Normalizer(self.stats)
         self.spec = make_spec(model_cfg, self.ds)
-        self.train_keypoints = model_cfg.keypoints > 0
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         tokenizer = build_tokenizer(self.ds.meta.tasks.values()) if not model_cfg.backbone.pretrained else None
