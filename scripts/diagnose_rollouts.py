@@ -11,12 +11,11 @@ Runs `--fast on`, on the evaluation seeds, one line of JSON per episode.
 
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from vla.artifact import ENV_STATE, Normalizer
+from vla.artifact import normalizer_with_dataset_keypoints
 from vla.fast import FastConfig
 from vla.policies import Policy
 from vla.sim import make_env
@@ -26,10 +25,8 @@ from vla.sim.collect import EVAL_SEED_START
 def main(path, task, episodes, dataset="data/suite96_v3"):
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(path, fast=FastConfig())
-    if policy.norm.keypoint_mean is None:  # an artifact from before session 6: its stats + the dataset's
-        stats = json.loads((Path(path) / "stats.json").read_text())
-        stats[ENV_STATE] = json.loads((Path(dataset) / "meta" / "stats.json").read_text())[ENV_STATE]
-        policy.norm = Normalizer(stats)
+    if policy.norm.keypoint_mean is None:  # an artifact from before session 6
+        policy.norm = normalizer_with_dataset_keypoints(path, dataset)
     env = make_env(task, image_size=policy.spec["image_size"], cameras=tuple(policy.spec["cameras"]))
     for seed in range(EVAL_SEED_START, EVAL_SEED_START + int(episodes)):
         obs, info = env.reset(seed=seed)

@@ -11,12 +11,11 @@ Prints, per task:
 """
 
 import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from vla.artifact import normalizer_with_dataset_keypoints
 from vla.dataset import LeRobotDataset
 from vla.policies import Policy
 from vla.sim import make_env
@@ -42,18 +41,12 @@ def chunk_errors(policy, ds, task, frames=(0, 5, 10), episodes=24):
     return out
 
 
-def keypoint_errors(policy, stats, task, scenes=16):
-    m = policy.model
-    mean, std = np.array(stats["mean"]), np.maximum(np.array(stats["std"]), 1e-3)
+def keypoint_errors(policy, task, scenes=16):
     env = make_env(task, image_size=policy.spec["image_size"])
     pred, truth = [], []
     for s in range(scenes):
         obs, _ = env.reset(seed=EVAL_SEED_START + s)
-        images, state = policy.prepare(obs)
-        ids, mask = m.backbone.tokenize([obs["task"]])
-        with torch.no_grad():
-            _, mem = m.encode(images, ids, mask, state, return_memory=True)
-            pred.append(m.keypoints_from_memory(mem)[0].numpy() * std + mean)
+        pred.append(policy.keypoints(obs))
         truth.append(env.task.keypoints())
     env.close()
     pred, truth = np.stack(pred), np.stack(truth)
@@ -69,12 +62,14 @@ def main():
     torch.set_num_threads(1)
     policy = Policy.from_pretrained(args.policy)
     ds = LeRobotDataset(args.dataset, horizon=policy.horizon)
-    stats = json.loads((Path(args.dataset) / "meta" / "stats.json").read_text()).get("observation.environment_state")
+    keypoints = policy.model.keypoint_head is not None and ds.env_state_key is not None
+    if keypoints and policy.norm.keypoint_mean is None:  # an artifact from before session 6
+        policy.norm = normalizer_with_dataset_keypoints(args.policy, args.dataset)
     for task in args.tasks:
         cells = [f"frame {f}: {e:.3f} (blind {b:.3f})" for f, e, b in chunk_errors(policy, ds, task)]
         line = f"{task:15s} chunk error rad " + ", ".join(cells)
-        if policy.model.keypoint_head is not None and stats is not None:
-            e, b = keypoint_errors(policy, stats, task)
+        if keypoints:
+            e, b = keypoint_errors(policy, task)
             line += f" | unseen scenes: target xy error {e:.1f} cm (blind {b:.1f})"
         print(line, flush=True)
 

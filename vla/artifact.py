@@ -64,6 +64,14 @@ class Normalizer:
         return (x - self.keypoint_mean.to(x.device)) / self.keypoint_std.to(x.device)
 
 
+def normalizer_with_dataset_keypoints(artifact: str | Path, dataset: str | Path) -> Normalizer:
+    """The artifact's Normalizer with the keypoint normalization of `dataset` (the one it was trained
+    on): for artifacts whose stats.json predates carrying it (before session 6)."""
+    stats = json.loads((Path(artifact) / "stats.json").read_text())
+    stats[ENV_STATE] = json.loads((Path(dataset) / "meta" / "stats.json").read_text())[ENV_STATE]
+    return Normalizer(stats)
+
+
 def save_artifact(path: str | Path, model, spec: dict, stats: dict, recipe: dict | None = None,
                   state_dict: dict | None = None, extra=None) -> Path:
     """Writes the artifact to a temporary sibling and renames it into place (atomic on one disk).
