@@ -343,6 +343,17 @@ def test_recipe_overrides_and_unknown_keys(tmp_path):
         load_recipe(path, ["model.head.depth=3"])
 
 
+@pytest.mark.parametrize("name", ["nano_diffusion", "nano_diffusion_2h", "nano_diffusion_narrow"])
+def test_shipped_recipes_build(name):
+    """Each training recipe in configs/ resolves and builds its model (a wrong key or width fails here,
+    not an hour into a run)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
+    model_cfg, cfg = load_recipe(path)
+    assert cfg.steps > 0 and cfg.batch_size > 0
+    model = VLA.build(model_cfg, build_tokenizer(["pick up the red cube"]))
+    assert model.cfg == model_cfg and sum(p.numel() for p in model.parameters()) > 1e6
+
+
 def test_ddp_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
     """The same global batch through 2 DDP processes (gloo) and through 1 gives the same losses."""
     recipe = json.loads(json.dumps(TINY))
