@@ -343,12 +343,19 @@ def test_recipe_overrides_and_unknown_keys(tmp_path):
         load_recipe(path, ["model.head.depth=3"])
 
 
-@pytest.mark.parametrize("name", ["nano_diffusion", "nano_diffusion_2h", "nano_diffusion_narrow"])
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if "model" in (yaml.safe_load(p.read_text()) or {}))
+
+
+def test_recipes_found():
+    assert {"nano_diffusion.yaml", "nano_diffusion_2h.yaml", "nano_diffusion_narrow.yaml"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
 def test_shipped_recipes_build(name):
-    """Each training recipe in configs/ resolves and builds its model (a wrong key or width fails here,
-    not an hour into a run)."""
-    path = Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml"
-    model_cfg, cfg = load_recipe(path)
+    """Each training recipe in configs/ (a YAML with a model section) resolves and builds its model:
+    a wrong key or width fails here, not an hour into a run."""
+    model_cfg, cfg = load_recipe(CONFIGS / name)
     assert cfg.steps > 0 and cfg.batch_size > 0
     model = VLA.build(model_cfg, build_tokenizer(["pick up the red cube"]))
     assert model.cfg == model_cfg and sum(p.numel() for p in model.parameters()) > 1e6
