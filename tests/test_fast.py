@@ -103,6 +103,26 @@ def test_token_reuse_is_exact_on_a_still_frame_and_close_on_a_small_change():
     assert torch.allclose(out, plain(model, other, TEXTS[0], state, noise), atol=1e-5)
 
 
+def test_still_front_camera_beside_a_new_wrist_view_is_exact():
+    """The common reuse step on a robot: the wrist camera (moving with the arm) is recomputed whole,
+    the front camera reuses most of its tokens, in one mixed vision pass. The front frame did not
+    change and comes first in the causal prefix, so its reused keys/values are the fresh ones: the
+    chunk equals the plain path's."""
+    model = tiny_model("diffusion-sample", keypoint_cond=True)
+    engine = FastVLA(model, FastConfig(reuse=True, refresh_every=100))
+    g = torch.Generator().manual_seed(4)
+    images, state, noise = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.randn(7, generator=g), torch.randn(1, 4, 7)
+    engine.step(images, TEXTS[1], state, noise)
+    for _ in range(2):
+        images = images.clone()
+        images[1] = torch.rand(3, SIZE, SIZE, generator=g)
+        recomputed = engine.stats["recomputed_tokens"]
+        out = engine.step(images, TEXTS[1], state, noise)
+        tokens = (SIZE // 4) ** 2 // 4
+        assert engine.stats["recomputed_tokens"] - recomputed == tokens + tokens - int(0.75 * tokens)
+        assert torch.allclose(out, plain(model, images, TEXTS[1], state, noise), atol=1e-5)
+
+
 def test_reuse_refreshes_every_k_steps_and_on_a_new_instruction():
     model = tiny_model()
     engine = FastVLA(model, FastConfig(reuse=True, refresh_every=3))

@@ -93,6 +93,10 @@ class KVSlot:
         self.force = force
         self.active = False
         self.last_query: torch.Tensor | None = None
+        # vision only, cameras of different token counts in one sequence (batch 1): per camera
+        # (camera, first query row, rows) and the rows' positions in that camera's cache (1, rows)
+        self.parts: list[tuple[int, int, int]] | None = None
+        self.part_index: list[torch.Tensor] = []
 
     def to(self, device):
         self.k_all = self.k = self.k.to(device)
@@ -105,6 +109,14 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, dro
     if slot is None or not slot.active:
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
+    if slot.parts is not None:  # each camera's rows attend over that camera's cache only
+        outs = []
+        for (c, start, n), index in zip(slot.parts, slot.part_index):
+            k, v = slot.k_all[c:c + 1], slot.v_all[c:c + 1]
+            update_cache(k, index, key[:, :, start:start + n].to(k.dtype))
+            update_cache(v, index, value[:, :, start:start + n].to(v.dtype))
+            outs.append(cached_attention(query[:, :, start:start + n], k, v, None, scaling, force=slot.force))
+        return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
     update_cache(slot.k, slot.index, key.to(slot.k.dtype))
     update_cache(slot.v, slot.index, value.to(slot.v.dtype))
     slot.last_query = query[:, :, -1:]
@@ -315,13 +327,38 @@ class FastVLA:
         h = vm.post_layernorm(h).reshape(n, tok.shape[1], -1)
         return bb.vlm.connector.modality_projection(h)
 
+    def _vision_mixed(self, x: torch.Tensor, toks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """`_vision` for cameras with different token counts (the wrist camera, which moves with the
+        arm, recomputed whole beside a still front camera reusing most of its tokens): all their
+        patches in one sequence, so each layer's projections and MLP run once instead of once per
+        camera; attention stays per camera, over that camera's cache. Returns per camera (R_c, D)."""
+        bb = self.model.backbone
+        vm = bb.vlm.vision_model
+        pidx = [self.groups[t].flatten() for t in toks]  # per camera, its patches in connector order
+        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (n_cam, Np, 3 p p)
+        h = F.linear(torch.cat([patches[c, p] for c, p in enumerate(pidx)])[None], self.patch_w, self.patch_b)
+        h = h + self.pos_emb[torch.cat(pidx)]
+        parts, start = [], 0
+        for c, p in enumerate(pidx):
+            parts.append((c, start, len(p)))
+            start += len(p)
+        for i, layer in enumerate(self.vision_layers):
+            if self.film is not None:
+                h = h * (1 + self.film[:, i, 0]) + self.film[:, i, 1]
+            slot = layer.self_attn.vla_slot
+            slot.parts, slot.part_index, slot.active = parts, [p[None] for p in pidx], True
+            h = layer(h, None)
+            slot.parts, slot.active = None, False
+        h = vm.post_layernorm(h).reshape(sum(len(t) for t in toks), -1)  # a token's patches are adjacent
+        return list(bb.vlm.connector.modality_projection(h).split([len(t) for t in toks]))
+
     def _encode(self, x: torch.Tensor, toks: list[torch.Tensor], state_token: torch.Tensor) -> torch.Tensor:
         """The backbone over the tokens `toks[c]` of each camera c (+ the state token); updates every
         cache. Returns the head's cross-attention mask."""
         if len({len(t) for t in toks}) == 1:  # one batched pass
             feats = list(self._vision(x, torch.stack(toks), slice(0, self.n_cam)))
-        else:  # a camera refreshed in full beside one reusing tokens: one pass each
-            feats = [self._vision(x[c:c + 1], toks[c][None], slice(c, c + 1))[0] for c in range(self.n_cam)]
+        else:  # a camera refreshed in full beside one reusing tokens
+            feats = self._vision_mixed(x, toks)
         pos_img = torch.cat([self.text_len + c * self.tokens + t for c, t in enumerate(toks)])
         h = torch.cat([torch.cat(feats), state_token.to(feats[0].dtype)])[None]
         pos = torch.cat([pos_img, self.state_pos])[None]
