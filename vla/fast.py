@@ -195,8 +195,11 @@ class FastVLA:
             self.kp_mods = torch.zeros(len(head.blocks), 1, 1, 6 * head.d, device=self.device)
         self.encode, self.denoise = self._encode, self._denoise
         if cfg.compile:
-            self.encode = torch.compile(self._encode, dynamic=False)
-            self.denoise = torch.compile(self._denoise, dynamic=False)
+            # on the CPU the step is hundreds of small kernels: calling them from inductor's C++
+            # wrapper instead of its Python one takes 7.3 -> 6.0 ms off the shipped step (BENCHMARKS)
+            options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
+            self.encode = torch.compile(self._encode, dynamic=False, options=options)
+            self.denoise = torch.compile(self._denoise, dynamic=False, options=options)
         if cfg.cuda_graph:
             if self.device.type != "cuda":
                 raise ValueError("cuda_graph needs a CUDA device")
