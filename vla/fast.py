@@ -86,8 +86,8 @@ class KVSlot:
     """The keys/values cache of one attention layer, and where this call's queries sit in it."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, force: str | None):
-        self.k_all = self.k = torch.zeros(batch, heads, length, head_dim)
-        self.v_all = self.v = torch.zeros_like(self.k)
+        self.k = torch.zeros(batch, heads, length, head_dim)
+        self.v = torch.zeros_like(self.k)
         self.index: torch.Tensor | None = None  # (B, n) positions of this call's tokens
         self.mask: torch.Tensor | None = None  # (B, 1, n, P) bool or None (all visible)
         self.force = force
@@ -99,8 +99,8 @@ class KVSlot:
         self.part_index: list[torch.Tensor] = []
 
     def to(self, device):
-        self.k_all = self.k = self.k.to(device)
-        self.v_all = self.v = self.v.to(device)
+        self.k = self.k.to(device)
+        self.v = self.v.to(device)
         return self
 
 
@@ -112,7 +112,7 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, dro
     if slot.parts is not None:  # each camera's rows attend over that camera's cache only
         outs = []
         for (c, start, n), index in zip(slot.parts, slot.part_index):
-            k, v = slot.k_all[c:c + 1], slot.v_all[c:c + 1]
+            k, v = slot.k[c:c + 1], slot.v[c:c + 1]
             update_cache(k, index, key[:, :, start:start + n].to(k.dtype))
             update_cache(v, index, value[:, :, start:start + n].to(v.dtype))
             outs.append(cached_attention(query[:, :, start:start + n], k, v, None, scaling, force=slot.force))
@@ -309,9 +309,9 @@ class FastVLA:
             update_cache(k, pos, nk)
             update_cache(v, pos, nv)
 
-    def _vision(self, x: torch.Tensor, tok: torch.Tensor, cams: slice) -> torch.Tensor:
-        """x (n, 3, S, S) normalized frames of cameras `cams`; tok (n, R) their tokens to compute ->
-        the tokens' features (n, R, D)."""
+    def _vision(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """x (n_cam, 3, S, S) normalized frames; tok (n_cam, R) the tokens to compute (the same number
+        per camera: one batched pass) -> the tokens' features (n_cam, R, D)."""
         bb = self.model.backbone
         vm = bb.vlm.vision_model
         n = x.shape[0]
@@ -323,7 +323,6 @@ class FastVLA:
             if self.film is not None:
                 h = h * (1 + self.film[:, i, 0]) + self.film[:, i, 1]
             slot = layer.self_attn.vla_slot
-            slot.k, slot.v = slot.k_all[cams], slot.v_all[cams]  # views: updates land in the cache
             slot.index, slot.mask, slot.active = pidx, None, True
             h = layer(h, None)
             slot.active = False
@@ -359,7 +358,7 @@ class FastVLA:
         """The backbone over the tokens `toks[c]` of each camera c (+ the state token); updates every
         cache. Returns the head's cross-attention mask."""
         if len({len(t) for t in toks}) == 1:  # one batched pass
-            feats = list(self._vision(x, torch.stack(toks), slice(0, self.n_cam)))
+            feats = list(self._vision(x, torch.stack(toks)))
         else:  # a camera refreshed in full beside one reusing tokens
             feats = self._vision_mixed(x, toks)
         pos_img = torch.cat([self.text_len + c * self.tokens + t for c, t in enumerate(toks)])
