@@ -94,9 +94,8 @@ class KVSlot:
         self.active = False
         self.last_query: torch.Tensor | None = None
         # vision only, cameras of different token counts in one sequence (batch 1): per camera
-        # (camera, first query row, rows) and the rows' positions in that camera's cache (1, rows)
-        self.parts: list[tuple[int, int, int]] | None = None
-        self.part_index: list[torch.Tensor] = []
+        # (camera, its first query row, its rows' positions in that camera's cache (1, rows))
+        self.parts: list[tuple[int, int, torch.Tensor]] | None = None
 
     def to(self, device):
         self.k = self.k.to(device)
@@ -111,8 +110,8 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, dro
                                       dropout=dropout, **kwargs)
     if slot.parts is not None:  # each camera's rows attend over that camera's cache only
         outs = []
-        for (c, start, n), index in zip(slot.parts, slot.part_index):
-            k, v = slot.k[c:c + 1], slot.v[c:c + 1]
+        for c, start, index in slot.parts:
+            n, k, v = index.shape[1], slot.k[c:c + 1], slot.v[c:c + 1]
             update_cache(k, index, key[:, :, start:start + n].to(k.dtype))
             update_cache(v, index, value[:, :, start:start + n].to(v.dtype))
             outs.append(cached_attention(query[:, :, start:start + n], k, v, None, scaling, force=slot.force))
@@ -309,50 +308,44 @@ class FastVLA:
             update_cache(k, pos, nk)
             update_cache(v, pos, nv)
 
-    def _vision(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
-        """x (n_cam, 3, S, S) normalized frames; tok (n_cam, R) the tokens to compute (the same number
-        per camera: one batched pass) -> the tokens' features (n_cam, R, D)."""
-        bb = self.model.backbone
-        vm = bb.vlm.vision_model
-        n = x.shape[0]
-        pidx = self.groups[tok].flatten(1)  # (n, R * scale^2) patches, in the connector's channel order
-        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (n, Np, 3 p p)
-        sel = patches.gather(1, pidx[..., None].expand(-1, -1, patches.shape[-1]))
-        h = F.linear(sel, self.patch_w, self.patch_b) + self.pos_emb[pidx]
+    def _vision_layers(self, h: torch.Tensor, index: torch.Tensor | None = None,
+                       parts: list[tuple[int, int, torch.Tensor]] | None = None) -> torch.Tensor:
+        """FiLM + the SigLIP layers + the final LayerNorm over patch embeddings h. Each layer writes
+        its keys/values into the cache at `index` (cameras batched) or per camera (`parts`)."""
         for i, layer in enumerate(self.vision_layers):
             if self.film is not None:
                 h = h * (1 + self.film[:, i, 0]) + self.film[:, i, 1]
             slot = layer.self_attn.vla_slot
-            slot.index, slot.mask, slot.active = pidx, None, True
+            slot.index, slot.parts, slot.mask, slot.active = index, parts, None, True
             h = layer(h, None)
-            slot.active = False
-        h = vm.post_layernorm(h).reshape(n, tok.shape[1], -1)
-        return bb.vlm.connector.modality_projection(h)
+            slot.parts, slot.active = None, False
+        return self.model.backbone.vlm.vision_model.post_layernorm(h)
+
+    def _vision(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """x (n_cam, 3, S, S) normalized frames; tok (n_cam, R) the tokens to compute (the same number
+        per camera: one batched pass) -> the tokens' features (n_cam, R, D)."""
+        n = x.shape[0]
+        pidx = self.groups[tok].flatten(1)  # (n, R * scale^2) patches, in the connector's channel order
+        patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (n, Np, 3 p p)
+        sel = patches.gather(1, pidx[..., None].expand(-1, -1, patches.shape[-1]))
+        h = self._vision_layers(F.linear(sel, self.patch_w, self.patch_b) + self.pos_emb[pidx], index=pidx)
+        return self.model.backbone.vlm.connector.modality_projection(h.reshape(n, tok.shape[1], -1))
 
     def _vision_mixed(self, x: torch.Tensor, toks: list[torch.Tensor]) -> list[torch.Tensor]:
         """`_vision` for cameras with different token counts (the wrist camera, which moves with the
         arm, recomputed whole beside a still front camera reusing most of its tokens): all their
         patches in one sequence, so each layer's projections and MLP run once instead of once per
         camera; attention stays per camera, over that camera's cache. Returns per camera (R_c, D)."""
-        bb = self.model.backbone
-        vm = bb.vlm.vision_model
         pidx = [self.groups[t].flatten() for t in toks]  # per camera, its patches in connector order
         patches = F.unfold(x, self.patch, stride=self.patch).transpose(1, 2)  # (n_cam, Np, 3 p p)
         h = F.linear(torch.cat([patches[c, p] for c, p in enumerate(pidx)])[None], self.patch_w, self.patch_b)
-        h = h + self.pos_emb[torch.cat(pidx)]
         parts, start = [], 0
         for c, p in enumerate(pidx):
-            parts.append((c, start, len(p)))
+            parts.append((c, start, p[None]))
             start += len(p)
-        for i, layer in enumerate(self.vision_layers):
-            if self.film is not None:
-                h = h * (1 + self.film[:, i, 0]) + self.film[:, i, 1]
-            slot = layer.self_attn.vla_slot
-            slot.parts, slot.part_index, slot.active = parts, [p[None] for p in pidx], True
-            h = layer(h, None)
-            slot.parts, slot.active = None, False
-        h = vm.post_layernorm(h).reshape(sum(len(t) for t in toks), -1)  # a token's patches are adjacent
-        return list(bb.vlm.connector.modality_projection(h).split([len(t) for t in toks]))
+        h = self._vision_layers(h + self.pos_emb[torch.cat(pidx)], parts=parts)
+        h = h.reshape(sum(len(t) for t in toks), -1)  # a token's patches are adjacent
+        return list(self.model.backbone.vlm.connector.modality_projection(h).split([len(t) for t in toks]))
 
     def _encode(self, x: torch.Tensor, toks: list[torch.Tensor], state_token: torch.Tensor) -> torch.Tensor:
         """The backbone over the tokens `toks[c]` of each camera c (+ the state token); updates every
