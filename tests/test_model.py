@@ -144,6 +144,24 @@ def test_unknown_prediction_type_is_refused():
         tiny_cfg(prediction_type="v_prediction")
 
 
+@pytest.mark.parametrize("loss, expected", [("mse", 0.5 ** 2 / 7), ("l1", 0.5 / 7)])
+def test_diffusion_loss_is_mse_or_l1_on_the_target(loss, expected):
+    """A clean-chunk head whose output is off by 0.5 in one of 7 action dims, everywhere."""
+    tok = build_tokenizer(["press the red button"])
+    torch.manual_seed(0)
+    model = VLA.build(tiny_cfg(prediction_type="sample", loss=loss), tok)
+    ids, mask = model.backbone.tokenize(["press the red button"] * 2)
+    c = torch.tensor([0.5, -0.25, 0.0, 0.75, -0.5, 0.1, 0.9])
+    with torch.no_grad():
+        model.head.out.weight.zero_()
+        model.head.out.bias.copy_(c + torch.tensor([0.5, 0, 0, 0, 0, 0, 0]))
+    value = model.loss(torch.rand(2, 2, 3, SIZE, SIZE), ids, mask, torch.zeros(2, 7), c.expand(2, 4, 7).clone(),
+                       torch.zeros(2, 4, dtype=torch.bool))
+    assert value.item() == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(ValueError, match="head.loss"):
+        tiny_cfg(loss="huber")
+
+
 def test_tiny_model_overfits_a_tiny_dataset(tiny_dataset, tmp_path):
     trainer = Trainer(tiny_cfg(type="l1"), train_cfg(tiny_dataset, tmp_path / "run", steps=150, lr=2e-3,
                                                      warmup_steps=10), progress=False)

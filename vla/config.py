@@ -47,6 +47,8 @@ class HeadConfig:
     prediction_type: str = "epsilon"  # diffusion: what the head predicts, "epsilon" (the noise) or
     #                                   "sample" (the clean chunk, as RDT-1B; trains like L1 at high noise)
     noise_samples: int = 4  # noisy copies per sample in training (the head is cheap next to the backbone)
+    loss: str = "mse"  # diffusion / flow: "mse", or "l1" on the same target (SR3 / Palette train
+    #                    diffusion with L1); the l1 head's loss is always L1
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class VLAConfig:
             raise ValueError(f"head.type must be diffusion, flow or l1, got {cfg.head.type!r}")
         if cfg.head.prediction_type not in ("epsilon", "sample"):
             raise ValueError(f"head.prediction_type must be epsilon or sample, got {cfg.head.prediction_type!r}")
+        if cfg.head.loss not in ("mse", "l1"):
+            raise ValueError(f"head.loss must be mse or l1, got {cfg.head.loss!r}")
         if cfg.n_action_steps > cfg.horizon:
             raise ValueError(f"n_action_steps {cfg.n_action_steps} > horizon {cfg.horizon}")
         return cfg

@@ -346,7 +346,8 @@ class VLA(nn.Module):
             target = noise - x0
             t = t * 1000.0  # same embedding scale as diffusion timesteps
         pred = self.head(xt, t, cache)
-        return (((pred - target) ** 2) * valid).sum() / (valid.sum() * x0.shape[-1]).clamp(min=1)
+        err = (pred - target).abs() if h.loss == "l1" else (pred - target) ** 2
+        return (err * valid).sum() / (valid.sum() * x0.shape[-1]).clamp(min=1)
 
     # --- inference ---
     @torch.no_grad()
