@@ -327,9 +327,13 @@ class VLA(nn.Module):
     def _action_loss(self, cache: PrefixCache, actions, action_is_pad) -> torch.Tensor:
         h = self.cfg.head
         valid = (~action_is_pad).float()[..., None]
+
+        def masked_mean(err: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+            return (err * valid).sum() / (valid.sum() * err.shape[-1]).clamp(min=1)
+
         if h.type == "l1":
             pred = self.head(torch.zeros_like(actions), torch.zeros(len(actions), device=actions.device), cache)
-            return ((pred - actions).abs() * valid).sum() / (valid.sum() * actions.shape[-1]).clamp(min=1)
+            return masked_mean((pred - actions).abs(), valid)
         k = h.noise_samples
         cache = cache.repeat(k)
         x0 = actions.repeat_interleave(k, 0)
@@ -346,8 +350,7 @@ class VLA(nn.Module):
             target = noise - x0
             t = t * 1000.0  # same embedding scale as diffusion timesteps
         pred = self.head(xt, t, cache)
-        err = (pred - target).abs() if h.loss == "l1" else (pred - target) ** 2
-        return (err * valid).sum() / (valid.sum() * x0.shape[-1]).clamp(min=1)
+        return masked_mean((pred - target).abs() if h.loss == "l1" else (pred - target) ** 2, valid)
 
     # --- inference ---
     @torch.no_grad()
