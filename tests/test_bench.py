@@ -1,0 +1,29 @@
+"""The benchmark's own arithmetic: which matmuls a function dispatches, and the FLOPs its floor counts."""
+
+import torch
+
+from vla.bench import matmul_floor, record_matmuls
+
+
+def _two_matmuls():
+    lin = torch.nn.Linear(8, 5)
+    x, a, b = torch.randn(3, 8), torch.randn(4, 2, 6), torch.randn(4, 6, 7)
+
+    def fn():
+        with torch.no_grad():
+            lin(x)  # addmm(bias, x, W^T)
+            torch.bmm(a, b)
+            x @ torch.randn(8, 2)  # mm
+    return fn
+
+
+def test_record_matmuls_sees_each_call_with_its_shapes():
+    calls = record_matmuls(_two_matmuls())
+    assert calls == [("addmm", ((5,), (3, 8), (8, 5))), ("bmm", ((4, 2, 6), (4, 6, 7))), ("mm", ((3, 8), (8, 2)))]
+
+
+def test_matmul_floor_counts_the_flops_of_every_call():
+    floor = matmul_floor(_two_matmuls(), torch.device("cpu"), repeats=3)
+    assert floor["calls"] == 3
+    assert round(floor["gflop"] * 1e9) == 2 * (3 * 8 * 5 + 4 * 2 * 6 * 7 + 3 * 8 * 2)
+    assert floor["ms"] > 0
