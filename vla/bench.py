@@ -186,9 +186,13 @@ def matmul_floor(fn, device: torch.device, repeats: int = 200) -> dict:
 
 
 def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int = 5, threads: int = 2,
-              configs: list[str] | None = None, seed: int = 1_000_000, device: str = "cpu") -> dict:
+              configs: list[str] | None = None, seed: int = 1_000_000, device: str = "cpu",
+              fast_opts: dict | None = None) -> dict:
     """On CUDA the rollout is recorded on the CPU, then the model and every input move to the GPU;
-    the CUDA-graph configurations run there only."""
+    the CUDA-graph configurations run there only. fast_opts: FastConfig options for every fast
+    configuration (e.g. reuse_threshold)."""
+    import dataclasses
+
     from vla.policies import Policy
 
     torch.set_num_threads(threads)
@@ -206,7 +210,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     ids, mask = model.backbone.tokenize([text], device)
     result = {"policy": str(policy_dir), "task": task, "frames": steps, "threads": threads,
               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "configs": {}}
+              "torch": torch.__version__, "fast_opts": dict(fast_opts or {}), "configs": {}}
     reference = None
     for name in configs or list(CONFIGS):
         cfg = CONFIGS[name]
@@ -216,6 +220,11 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
             continue
         if cfg == "prune":
             cfg = FastConfig(prune_keep=max(1, visual_tokens_per_camera(model) // 2))
+        if isinstance(cfg, FastConfig) and fast_opts:
+            cfg = dataclasses.replace(cfg, **fast_opts)
+        # one compiled engine per process, as in use: the previous configuration's compiled graphs
+        # would otherwise stay in dynamo's cache, and every later call would check their guards first
+        torch._dynamo.reset()
         engine = FastVLA(model, cfg, device) if cfg is not None else None
         stages = {k: [] for k in ("preprocess", "backbone", "head", "total")}
         outs = []
@@ -273,7 +282,7 @@ def format_bench(r: dict) -> str:
     head = (f"{'configuration':34s} {'preproc':>9s} {'backbone':>17s} {'head':>17s} {'total':>17s} "
             f"{'speedup':>7s} {'peak%':>6s}")
     lines = [f"policy {r['policy']}  task {r['task']}  {r['frames']} consecutive frames, {r['threads']} threads, "
-             f"device {r.get('device', 'cpu')}",
+             f"device {r.get('device', 'cpu')}" + (f", fast options {r['fast_opts']}" if r.get("fast_opts") else ""),
              "median / p99 ms per control step", head]
     for name, e in r["configs"].items():
         def mp(k):

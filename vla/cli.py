@@ -117,6 +117,25 @@ def cmd_train(args) -> int:
 FAST_PRESETS = {"off": None, "on": {}, "reuse": {"reuse": True}, "prune": {"prune_keep": 8}}
 
 
+def _fast_opts(pairs: list[str]) -> dict:
+    """--fast-opt KEY=VALUE pairs (YAML values) -> FastConfig keyword arguments."""
+    import dataclasses
+
+    import yaml
+
+    from vla.fast import FastConfig
+
+    known = sorted(f.name for f in dataclasses.fields(FastConfig))
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--fast-opt {pair!r}: expected KEY=VALUE with KEY one of {known}")
+        value = yaml.safe_load(value)
+        opts[key] = tuple(value) if isinstance(value, list) else value
+    return opts
+
+
 def _fast(name: str):
     from vla.sim.evaluate import fast_config
 
@@ -127,10 +146,18 @@ def cmd_eval(args) -> int:
     from vla.policies import SpecMismatchError
     from vla.sim.evaluate import evaluate, format_table
 
+    from vla.sim.evaluate import fast_config
+
+    fast = FAST_PRESETS[args.fast]
     try:
+        if args.fast_opt:
+            if fast is None:
+                raise ValueError("--fast-opt sets options of the real-time step: give --fast on, reuse or prune")
+            fast = {**fast, **_fast_opts(args.fast_opt)}
+            fast_config(fast)  # a bad combination fails here, before the workers start
         summary = evaluate(args.policy, args.tasks, args.episodes, workers=args.workers, out=args.out,
-                           videos=args.videos, ensemble=args.ensemble, fast=FAST_PRESETS[args.fast])
-    except SpecMismatchError as e:
+                           videos=args.videos, ensemble=args.ensemble, fast=fast)
+    except (SpecMismatchError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(summary))
@@ -158,8 +185,13 @@ def cmd_bench(args) -> int:
         if unknown:
             print(f"error: unknown configurations {unknown}; known: {list(CONFIGS)}", file=sys.stderr)
             return 2
+    try:
+        opts = _fast_opts(args.fast_opt)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     r = run_bench(args.policy or shipped_policy(), task=args.task, steps=args.steps, threads=args.threads,
-                  configs=configs, device=args.device)
+                  configs=configs, device=args.device, fast_opts=opts)
     print(json.dumps(r, indent=2) if args.json else format_bench(r))
     return 0
 
@@ -272,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--configs", default=None, help="';'-separated subset of the configurations")
     bp.add_argument("--device", default="cpu", help="cpu or cuda (the CUDA-graph configurations run there only)")
     bp.add_argument("--kernels", action="store_true", help="time each Triton kernel against its torch reference")
+    bp.add_argument("--fast-opt", action="append", default=[], metavar="KEY=VALUE",
+                    help="a FastConfig option for every fast configuration, e.g. reuse_threshold=0.05 (repeatable)")
     bp.add_argument("--json", action="store_true")
     bp.set_defaults(func=cmd_bench)
 
@@ -310,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--ensemble", choices=["queue", "temporal", "adaptive"], default="queue")
     v.add_argument("--fast", choices=list(FAST_PRESETS), default="off",
                    help="the real-time step (vla.fast): on, with token reuse, or with FastV pruning to 8 tokens")
+    v.add_argument("--fast-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="a FastConfig option on top of --fast, e.g. reuse_threshold=0.05 (repeatable)")
     v.set_defaults(func=cmd_eval)
 
     args = p.parse_args(argv)

@@ -1,0 +1,63 @@
+"""Where token reuse and the matmul-peak fraction start to pay: the shipped nano_l1 architecture
+(random weights) at larger camera/vision image sizes, compiled, 2 threads. Per size: the backbone
+step (`FastVLA.encode`) with every token recomputed, with the front camera partial beside a full
+wrist camera (the common reuse step on a robot), with both cameras partial, and the backbone's
+matmul floor (vla.bench.matmul_floor) as a fraction of the measured peak (BENCHMARKS.md, session 11).
+
+    .venv/bin/python scripts/reuse_scaling.py [SIZE ...]     # default: 64 96 128
+"""
+
+import json
+import sys
+import time
+
+import numpy as np
+import torch
+
+from vla.bench import _fast_full_encode, matmul_floor, matmul_peak_gflops
+from vla.cli import shipped_policy
+from vla.config import VLAConfig
+from vla.fast import FastConfig, FastVLA
+from vla.model import VLA
+from vla.policies import Policy
+
+
+def median_ms(fn, n=100, skip=10):
+    ts = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts[skip:]) * 1e3)
+
+
+torch.set_num_threads(2)
+peak = matmul_peak_gflops()
+path = shipped_policy("nano_l1")
+tokenizer = Policy.from_pretrained(path).model.backbone.tokenizer
+base = json.loads((path / "config.json").read_text())
+base.pop("format_version", None)
+text, state, noise = "pick up the red cube", torch.zeros(base["state_dim"]), torch.zeros(1, base["horizon"], base["action_dim"])
+print(f"fp32 matmul peak {peak:.1f} GFLOP/s, 2 threads")
+for size in [int(a) for a in sys.argv[1:]] or [64, 96, 128]:
+    cfg = json.loads(json.dumps(base))
+    cfg["image_size"] = cfg["backbone"]["image_size"] = size
+    torch._dynamo.reset()  # each size compiles anew (else dynamo's per-function cache limit is hit)
+    torch.manual_seed(0)
+    model = VLA.build(VLAConfig.from_dict(cfg), tokenizer).eval()
+    images = torch.rand(len(cfg["cameras"]), 3, size, size)
+    engine = FastVLA(model, FastConfig(compile=True, reuse=True))
+    with torch.no_grad():
+        engine.step(images, text, state, noise)  # compiles every shape
+        x, state_token = engine.preprocess(images), model.state_proj(state[None])
+        t = engine.tokens
+        b = t - int(engine.cfg.reuse_max * t)
+        full = torch.arange(t)
+        ms = {combo: median_ms(lambda: engine.encode(x, [full if n == t else full[:n] for n in combo], state_token))
+              for combo in [(t, t), (b, t), (b, b)]}
+    floor = matmul_floor(_fast_full_encode(model, images, text, state), torch.device("cpu"))
+    print(f"image {size}: {t} tokens per camera; backbone full {ms[(t, t)]:.2f} ms, front {b} + wrist {t} "
+          f"{ms[(b, t)]:.2f} ms ({ms[(t, t)] / ms[(b, t)]:.2f}x), both {b} {ms[(b, b)]:.2f} ms "
+          f"({ms[(t, t)] / ms[(b, b)]:.2f}x); {floor['gflop'] * 1e3:.0f} MFLOP: full step at "
+          f"{100 * floor['gflop'] / ms[(t, t)] * 1e3 / peak:.0f} % of the peak, its matmuls alone "
+          f"{floor['ms']:.2f} ms ({100 * floor['gflop'] / floor['ms'] * 1e3 / peak:.0f} %)")
