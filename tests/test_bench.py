@@ -27,3 +27,15 @@ def test_matmul_floor_counts_the_flops_of_every_call():
     assert floor["calls"] == 3
     assert round(floor["gflop"] * 1e9) == 2 * (3 * 8 * 5 + 4 * 2 * 6 * 7 + 3 * 8 * 2)
     assert floor["ms"] > 0
+
+
+def test_fast_opt_pairs_become_fast_config_options_and_bad_ones_are_named():
+    import pytest
+
+    from vla.cli import _fast_opts
+
+    assert _fast_opts(["reuse_threshold=0.05", "refresh_every=4"]) == {"reuse_threshold": 0.05, "refresh_every": 4}
+    with pytest.raises(ValueError, match="reuse_treshold"):
+        _fast_opts(["reuse_treshold=0.05"])  # misspelt key
+    with pytest.raises(ValueError, match="reuse_max"):
+        _fast_opts(["reuse_max=2"])  # FastConfig's own check

@@ -131,8 +131,8 @@ def _fast_opts(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
             raise ValueError(f"--fast-opt {pair!r}: expected KEY=VALUE with KEY one of {known}")
-        value = yaml.safe_load(value)
-        opts[key] = tuple(value) if isinstance(value, list) else value
+        opts[key] = yaml.safe_load(value)
+    FastConfig(**opts)  # a bad value or combination fails here, with FastConfig's own message
     return opts
 
 
@@ -144,9 +144,7 @@ def _fast(name: str):
 
 def cmd_eval(args) -> int:
     from vla.policies import SpecMismatchError
-    from vla.sim.evaluate import evaluate, format_table
-
-    from vla.sim.evaluate import fast_config
+    from vla.sim.evaluate import evaluate, fast_config, format_table
 
     fast = FAST_PRESETS[args.fast]
     try:
@@ -154,7 +152,7 @@ def cmd_eval(args) -> int:
             if fast is None:
                 raise ValueError("--fast-opt sets options of the real-time step: give --fast on, reuse or prune")
             fast = {**fast, **_fast_opts(args.fast_opt)}
-            fast_config(fast)  # a bad combination fails here, before the workers start
+            fast_config(fast)  # a bad combination with the preset fails here, before the workers start
         summary = evaluate(args.policy, args.tasks, args.episodes, workers=args.workers, out=args.out,
                            videos=args.videos, ensemble=args.ensemble, fast=fast)
     except (SpecMismatchError, ValueError) as e:
