@@ -3,6 +3,12 @@
 # with CUDA torch and Triton, no internet). What this project needs beyond that image travels with the
 # call: wheels in .whl/ (mujoco, mujoco-core, glfw, pyopengl, gymnasium, farama-notifications, diffusers,
 # pyzmq, transformers) and the EGL loader debs in .gl/ (MuJoCo renders the rollout with MUJOCO_GL=egl).
+# Made here (both folders listed in .git/info/exclude, carried with the call):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl mujoco==4.0.0 \
+#     mujoco-core==4.0.0 glfw==2.11.0 PyOpenGL==3.1.10 gymnasium==1.4.0 farama-notifications \
+#     diffusers==0.42.1 pyzmq==27.3.0 transformers==5.23.0
+#   (cd .gl && apt-get download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 # Usage there: bash scripts/gpu_check.sh [setup] [tests] [kernels] [bench:POLICY_DIR ...]
 # Everything it measures lands in $OUT (logs and JSON), the tables at the end of its output.
 set -u
