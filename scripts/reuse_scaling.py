@@ -5,6 +5,7 @@ wrist camera (the common reuse step on a robot), with both cameras partial, and 
 matmul floor (vla.bench.matmul_floor) as a fraction of the measured peak (BENCHMARKS.md, session 11).
 
     .venv/bin/python scripts/reuse_scaling.py [SIZE ...]     # default: 64 96 128
+    .venv/bin/python scripts/reuse_scaling.py --changes       # tokens changed between frames
 """
 
 import json
@@ -32,6 +33,23 @@ def median_ms(fn, n=100, skip=10):
 
 
 torch.set_num_threads(2)
+if sys.argv[1:] == ["--changes"]:
+    # per camera, how many of its tokens change between consecutive frames of the shipped policy's
+    # own rollout, by the same measure as reuse's selection (vla.kernels.region_change)
+    from vla.bench import _inputs, record_rollout
+    from vla.kernels import region_change
+
+    policy = Policy.from_pretrained(shipped_policy("nano_l1"))
+    engine = FastVLA(policy.model, FastConfig())
+    for task in ("pick_cube", "stack_cubes", "open_drawer"):
+        xs = [engine.preprocess(_inputs(policy, o)[0]) for o in record_rollout(policy, task, 60, 1_000_000)]
+        change = torch.stack([region_change(a, b, engine.patch * engine.scale) for a, b in zip(xs[1:], xs[:-1])])
+        for threshold in (0.02, 0.05, 0.1):
+            n = (change > threshold).sum(-1).float()  # (frames, cameras)
+            print(f"{task} threshold {threshold}: changed tokens per frame, median of "
+                  + ", ".join(f"{c} {int(n[:, i].median())}" for i, c in enumerate(policy.spec["cameras"]))
+                  + f" (of {engine.tokens})")
+    sys.exit(0)
 peak = matmul_peak_gflops()
 path = shipped_policy("nano_l1")
 tokenizer = Policy.from_pretrained(path).model.backbone.tokenizer
