@@ -10,12 +10,9 @@ matmul floor (vla.bench.matmul_floor) as a fraction of the measured peak (BENCHM
 
 import json
 import sys
-import time
-
-import numpy as np
 import torch
 
-from vla.bench import _fast_full_encode, matmul_floor, matmul_peak_gflops
+from vla.bench import fast_full_encode, matmul_floor, matmul_peak_gflops, median_seconds
 from vla.cli import shipped_policy
 from vla.config import VLAConfig
 from vla.fast import FastConfig, FastVLA
@@ -23,13 +20,8 @@ from vla.model import VLA
 from vla.policies import Policy
 
 
-def median_ms(fn, n=100, skip=10):
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts[skip:]) * 1e3)
+def median_ms(fn) -> float:
+    return median_seconds(fn, torch.device("cpu"), repeats=90) * 1e3
 
 
 torch.set_num_threads(2)
@@ -73,7 +65,7 @@ for size in [int(a) for a in sys.argv[1:]] or [64, 96, 128]:
         full = torch.arange(t)
         ms = {combo: median_ms(lambda: engine.encode(x, [full if n == t else full[:n] for n in combo], state_token))
               for combo in [(t, t), (b, t), (b, b)]}
-    floor = matmul_floor(_fast_full_encode(model, images, text, state), torch.device("cpu"))
+    floor = matmul_floor(fast_full_encode(model, images, text, state), torch.device("cpu"))
     print(f"image {size}: {t} tokens per camera; backbone full {ms[(t, t)]:.2f} ms, front {b} + wrist {t} "
           f"{ms[(b, t)]:.2f} ms ({ms[(t, t)] / ms[(b, t)]:.2f}x), both {b} {ms[(b, b)]:.2f} ms "
           f"({ms[(t, t)] / ms[(b, b)]:.2f}x); {floor['gflop'] * 1e3:.0f} MFLOP: full step at "

@@ -106,16 +106,34 @@ def _stats(xs: list[float]) -> dict:
     return {"median_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99))}
 
 
-def backbone_gflop(model, images, ids, mask, state) -> float:
-    """The model's own backbone pass (text tokens included)."""
+def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 10) -> float:
+    """Median wall time of fn over `repeats` calls after `warmup`, synchronizing CUDA around each."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts))
+
+
+def count_gflop(fn) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as fc, torch.no_grad():
-        model.encode(images[None], ids, mask, state[None])
+        fn()
     return fc.get_total_flops() / 1e9
 
 
-def _fast_full_encode(model, images, text, state):
+def backbone_gflop(model, images, ids, mask, state) -> float:
+    """The model's own backbone pass (text tokens included)."""
+    return count_gflop(lambda: model.encode(images[None], ids, mask, state[None]))
+
+
+def fast_full_encode(model, images, text, state):
     """A closure running the fast path's full backbone step (visual + state tokens; the text's
     keys/values cached), eager."""
     engine = FastVLA(model, FastConfig(), images.device)
@@ -129,15 +147,6 @@ def _fast_full_encode(model, images, text, state):
         with torch.no_grad():
             engine._encode(x, [full] * engine.n_cam, state_token)
     return run
-
-
-def fast_backbone_gflop(model, images, text, state) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    run = _fast_full_encode(model, images, text, state)
-    with FlopCounterMode(display=False) as fc:
-        run()
-    return fc.get_total_flops() / 1e9
 
 
 _MATMULS = ("mm", "addmm", "bmm", "baddbmm")
@@ -170,16 +179,7 @@ def matmul_floor(fn, device: torch.device, repeats: int = 200) -> dict:
     for (name, shapes), count in sorted(Counter(calls).items()):
         args = [torch.randn(*sh, device=device) for sh in shapes]
         op = getattr(torch.ops.aten, name)
-        for _ in range(10):
-            op(*args)
-        ts = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            op(*args)
-            _sync(device)
-            ts.append(time.perf_counter() - t0)
-        total_s += count * float(np.median(ts))
+        total_s += count * median_seconds(lambda: op(*args), device, repeats)
         a, b = shapes[-2], shapes[-1]  # (..., m, k) @ (..., k, n)
         flop += count * 2 * int(np.prod(a)) * b[-1]
     return {"calls": len(calls), "ms": total_s * 1e3, "gflop": flop / 1e9}
@@ -263,11 +263,12 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     peak = matmul_peak_gflops(device=device)
     images, state = inputs[0]
     gflop = backbone_gflop(model, images, ids, mask, state)
-    fast_gflop = fast_backbone_gflop(model, images, text, state)
+    fast_encode = fast_full_encode(model, images, text, state)  # one engine for the count and the floor
+    fast_gflop = count_gflop(fast_encode)
     result["matmul_peak_gflops"] = peak
     result["backbone_gflop_per_step"] = gflop
     result["fast_backbone_gflop_per_step"] = fast_gflop
-    floor = matmul_floor(_fast_full_encode(model, images, text, state), device)
+    floor = matmul_floor(fast_encode, device)
     floor["fraction_of_peak"] = floor["gflop"] / (floor["ms"] / 1e3) / peak
     result["fast_backbone_matmul_floor"] = floor
     for name, entry in result["configs"].items():
@@ -325,16 +326,7 @@ def kernel_bench(device: str = "cuda", repeats: int = 200) -> list[dict]:
         return torch.randn(*shape, generator=g).to(device)
 
     def timed(fn) -> float:
-        for _ in range(10):
-            fn()
-        ts = []
-        for _ in range(repeats):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts) * 1e6)
+        return median_seconds(fn, device, repeats) * 1e6
 
     def triton(fn):
         return lambda *args: fn(*args, force="triton")
