@@ -11,6 +11,7 @@ un-normalizes itself with the stats stored in the artifact. Action selection:
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from pathlib import Path
 
@@ -18,14 +19,14 @@ import numpy as np
 import torch
 
 from vla.artifact import Normalizer, load_artifact
+from vla.errors import ObservationError, SpecMismatchError, brief
 
-
-class SpecMismatchError(ValueError):
-    """The artifact and the environment / robot disagree on what goes in or comes out."""
-
-
-class ObservationError(ValueError):
-    """An observation that does not fit the policy's spec (missing key, wrong size, NaN)."""
+# An instruction is a sentence: longer text is refused before the tokenizer reads it (a 16 MiB task
+# held a server for 13-17 s only to be truncated to max_text_tokens).
+MAX_TASK_CHARS = 1000
+# A normalized state this many standard deviations from the training data is no measurement; far
+# beyond it the model's float32 arithmetic (squares in its norms) overflows to NaN.
+MAX_STATE_STD = 1e6
 
 
 def spec_mismatch(spec: dict, cameras, image_size: int, action_dim: int, state_dim: int | None = None) -> str | None:
@@ -84,8 +85,26 @@ class Policy:
         self.generator.manual_seed(0 if seed is None else int(seed))
         self.queue: deque = deque()
         self.history: deque = deque(maxlen=self.horizon)  # chunks for temporal / adaptive ensembling
-        if self.engine is not None:
+        if self.engine is not None and self.engine.owner is self:
             self.engine.reset()
+
+    def warmup(self) -> None:
+        """One call on a blank observation, then a reset: the real-time step compiles (or captures
+        its CUDA graphs) now instead of inside the first request."""
+        s = self._spec["image_size"]
+        obs = {f"observation.images.{c}": np.zeros((s, s, 3), np.uint8) for c in self.cameras}
+        obs["observation.state"] = self.norm.state_mean.numpy()
+        obs["task"] = "warm up"
+        self.act_chunk(obs)
+        self.reset()
+
+    def fork(self) -> Policy:
+        """Another policy over the same model, engine and caches of tokenized text, with its own
+        episode state (queue, ensembling history, noise generator): one per client of a server.
+        The engine's frame caches belong to one policy at a time: it is reset when another uses it."""
+        other = copy.copy(self)
+        other.reset()
+        return other
 
     # --- model calls ---
     def _check(self, obs: dict) -> None:
@@ -97,16 +116,30 @@ class Policy:
             img = np.asarray(obs[key])
             if img.shape != (s, s, 3) or img.dtype != np.uint8:
                 raise ObservationError(f"{key} must be uint8 {s}x{s}x3, got {img.dtype} {img.shape}")
-        state = np.asarray(obs.get("observation.state", ()), dtype=np.float32)
+        try:
+            state = np.asarray(obs.get("observation.state", ()), dtype=np.float32)
+        except (TypeError, ValueError) as e:
+            raise ObservationError(f"observation.state is not a vector of numbers: {e}") from None
         if state.shape != (self._spec["state_dim"],):
             raise ObservationError(f"observation.state must have shape ({self._spec['state_dim']},), got {state.shape}")
         if not np.all(np.isfinite(state)):
-            raise ObservationError(f"observation.state has a non-finite value: {state.tolist()}")
-        if not isinstance(obs.get("task"), str):
+            raise ObservationError(f"observation.state has a non-finite value: {brief(state.tolist())}")
+        z = self.norm.state(torch.from_numpy(state)).abs().max().item()
+        if not z <= MAX_STATE_STD:  # also catches inf from an overflowing normalization
+            raise ObservationError(f"observation.state {brief(state.tolist())} lies {z:.3g} standard deviations "
+                                   f"from the training data (limit {MAX_STATE_STD:g}): not a measurement")
+        task = obs.get("task")
+        if not isinstance(task, str):
             raise ObservationError("observation lacks the instruction string 'task'")
+        if not task.strip():
+            raise ObservationError("the instruction 'task' is empty")
+        if len(task) > MAX_TASK_CHARS:
+            raise ObservationError(f"the instruction 'task' has {len(task)} characters; the limit is {MAX_TASK_CHARS}")
 
     def _text(self, task: str):
         if task not in self._text_cache:
+            if len(self._text_cache) >= 64:  # bounded: every distinct task a client sends is one entry
+                self._text_cache.pop(next(iter(self._text_cache)))
             self._text_cache[task] = self.model.backbone.tokenize([task], self.device)
         return self._text_cache[task]
 
@@ -129,11 +162,19 @@ class Policy:
         images, state = self.prepare(obs)
         noise = torch.randn((1, self.horizon, self._spec["action_dim"]), generator=self.generator).to(self.device)
         if self.engine is not None:
+            if self.engine.owner is not self:  # another fork's frames are in its caches
+                self.engine.reset()
+                self.engine.owner = self
             chunk = self.engine.step(images[0], obs["task"], state[0], noise)
         else:
             ids, mask = self._text(obs["task"])
             chunk = self.model.sample(self.model.encode(images, ids, mask, state), noise=noise)
-        return self.norm.unaction(chunk)[0].float().cpu().numpy()
+        chunk = self.norm.unaction(chunk)[0].float().cpu().numpy()
+        if not np.all(np.isfinite(chunk)):  # never hand out NaN; and drop every cache it may have touched
+            if self.engine is not None:
+                self.engine.reset()
+            raise ObservationError("the model produced non-finite actions for this observation")
+        return chunk
 
     @torch.no_grad()
     def keypoints(self, obs: dict) -> np.ndarray:

@@ -4,7 +4,9 @@
 observation it was computed from) into a command at any control time: linear interpolation
 between the chunk's steps, holding the last step past its end, and a linear cross-fade from the
 old chunk's trajectory to the new one over `blend_s` when a new chunk arrives, so the command has
-no jump and no pause at the boundary.
+no jump and no pause at the boundary. `restart(position)` discards the plan (a new instruction, a
+hold, an e-stop, a fault): nothing of it is played again, and the next chunk cross-fades in from
+`position`, the command the robot holds.
 
 `SafetyFilter` is always on: non-finite values never pass, every command is clamped to the joint
 limits and to a maximum change per control period, and a hold (watchdog, e-stop) repeats the last
@@ -38,6 +40,11 @@ class ChunkPlayer:
             self.prev = (self.chunk, self.t0)
         self.chunk, self.t0, self.switch_t = np.asarray(chunk, dtype=np.float64), float(t_obs), float(now)
 
+    def restart(self, position: np.ndarray | None) -> None:
+        """Discard the plan; the next chunk blends in from `position` (None: from its own start)."""
+        self.chunk = None
+        self.prev = None if position is None else (np.asarray(position, dtype=np.float64)[None], 0.0)
+
     def age(self, now: float) -> float:
         """Seconds since the current chunk's observation."""
         return now - self.t0 if self.chunk is not None else float("inf")
@@ -51,6 +58,24 @@ class ChunkPlayer:
         w = max(0.0, (t - self.switch_t) / self.blend_s)
         old = self._at(self.prev[0], self.prev[1], self.fps, t)
         return (1 - w) * old + w * new
+
+
+class ChunkError(ValueError):
+    """A chunk that cannot be played."""
+
+
+def check_chunk(chunk, horizon: int, action_dim: int) -> np.ndarray:
+    """A policy's chunk as float64 (horizon, action_dim), all finite; anything else raises ChunkError
+    (a 1-D chunk would broadcast into every joint; a scalar or an empty one has no plan)."""
+    try:
+        a = np.asarray(chunk, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ChunkError(f"chunk is not numeric: {type(chunk).__name__} ({e})") from None
+    if a.shape != (horizon, action_dim):
+        raise ChunkError(f"chunk of shape {a.shape}; the policy's spec says ({horizon}, {action_dim})")
+    if not np.all(np.isfinite(a)):
+        raise ChunkError(f"chunk has {int(np.sum(~np.isfinite(a)))} non-finite values")
+    return a
 
 
 class SafetyFilter:

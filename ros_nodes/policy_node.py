@@ -2,15 +2,31 @@
 
 Inference runs in its own thread, off the control timer: the timer plays the current chunk
 (`ChunkPlayer`, interpolated and cross-faded into each new chunk) through the always-on
-`SafetyFilter`, so it never waits for the model. A watchdog holds position when images or joint
-states go stale, an e-stop (topic and service) holds and latches until released, and malformed
-messages are rejected with a logged reason and counted. Figures go out as JSON on the status topic.
+`SafetyFilter`, so it never waits for the model. Every control period publishes a command; the
+robot only ever moves through the safety filter's joint and rate limits.
+
+Holds: the node holds the last command (and discards the plan, so nothing planned before is
+played afterwards; the next chunk blends in from the held command) when
+  - an image or the joint state goes stale: nothing accepted within `watchdog_timeout`, by
+    receive time and by header stamp (stamps must advance, and lie within `watchdog_timeout` +
+    `stamp_tolerance` in the past and `stamp_tolerance` in the future of the node's clock, which
+    is the simulation's with `use_sim_time`);
+  - the e-stop is engaged (topic or service): latched until an explicit reset, see `_on_estop_service`;
+  - the policy fails: a call raises, its server dies (a local one is restarted with backoff, a
+    remote one reconnected) or a chunk is not (horizon x action_dim) and finite.
+A new instruction also discards the plan, and the arm holds its last command until the new plan
+blends in from there. Malformed messages are rejected with a logged reason and counted. Figures go
+out as JSON on the status topic and as diagnostic_msgs/DiagnosticArray on /diagnostics.
+
+Start it alone against a robot with `vla node --ros-args --params-file configs/policy_node.yaml`
+(or the `vla-policy-node` script); `vla run` starts it beside the simulated arm.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -18,7 +34,9 @@ from pathlib import Path
 
 import numpy as np
 import rclpy
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
@@ -26,7 +44,9 @@ from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import SetBool
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
-from vla.ros_nodes.control import ChunkPlayer, SafetyFilter
+from vla.ros_nodes.control import ChunkError, ChunkPlayer, SafetyFilter, check_chunk
+from vla.ros_nodes.inference import LocalInferenceServer
+from vla.ros_nodes.server import PolicyClient, ServerError
 
 # The sim arm's limits (sim/assets/tabletop.xml) and the gripper's 0..1 command: defaults only;
 # a real arm sets its own in the YAML.
@@ -34,8 +54,12 @@ DEFAULT_JOINTS = ["j1", "j2", "j3", "j4", "j5", "j6", "gripper"]
 DEFAULT_LOWER = [-2.8, -1.9, -2.6, -2.9, -2.1, -2.9, 0.0]
 DEFAULT_UPPER = [2.8, 1.9, 2.6, 2.9, 2.1, 2.9, 1.0]
 COMMAND_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
+ESTOP_BEST_EFFORT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.BEST_EFFORT)
 LATCHED_QOS = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+ESTOP_ASSERTED_S = 1.0  # an e-stop True on the topic this recent means the button is still pressed
+LEVELS = {"ok": DiagnosticStatus.OK, "waiting": DiagnosticStatus.WARN, "stale": DiagnosticStatus.WARN,
+          "estop": DiagnosticStatus.ERROR, "fault": DiagnosticStatus.ERROR}
 
 
 def stamp_s(msg) -> float:
@@ -43,15 +67,36 @@ def stamp_s(msg) -> float:
 
 
 def image_to_array(msg: Image, size: int) -> np.ndarray:
-    """rgb8 / bgr8 of the expected size -> uint8 HxWx3 RGB; anything else raises ValueError."""
+    """rgb8 / bgr8 of the expected size, rows possibly padded (step > width * 3) -> uint8 HxWx3 RGB;
+    anything else raises ValueError."""
     if msg.encoding not in ("rgb8", "bgr8"):
         raise ValueError(f"encoding {msg.encoding!r} (expected rgb8 or bgr8)")
     if msg.height != size or msg.width != size:
         raise ValueError(f"size {msg.width}x{msg.height} (expected {size}x{size})")
-    if msg.step != msg.width * 3 or len(msg.data) != msg.height * msg.step:
-        raise ValueError(f"data of {len(msg.data)} bytes with step {msg.step} for {msg.width}x{msg.height} rgb")
-    img = np.frombuffer(msg.data, dtype=np.uint8).reshape(size, size, 3)
+    row = msg.width * 3
+    if msg.step < row or len(msg.data) != msg.height * msg.step:
+        raise ValueError(f"data of {len(msg.data)} bytes with step {msg.step} for {msg.width}x{msg.height} rgb "
+                         f"(needs step >= {row} and height * step bytes)")
+    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
+    img = rows.reshape(size, size, 3)
     return img[..., ::-1].copy() if msg.encoding == "bgr8" else img.copy()
+
+
+def joint_positions(msg: JointState, names: list[str]) -> np.ndarray:
+    """The positions of `names` from a JointState (extra joints are ignored); raises ValueError on
+    duplicate, missing or non-finite entries."""
+    got, pos = list(msg.name), list(msg.position)
+    if len(pos) != len(got):
+        raise ValueError(f"{len(got)} names but {len(pos)} positions")
+    if len(set(got)) != len(got):
+        raise ValueError(f"duplicate joint names {sorted({n for n in got if got.count(n) > 1})}")
+    missing = [n for n in names if n not in got]
+    if missing:
+        raise ValueError(f"missing joints {missing}")
+    q = np.array([pos[got.index(n)] for n in names], dtype=np.float64)
+    if not np.all(np.isfinite(q)):
+        raise ValueError(f"non-finite position {q.tolist()}")
+    return q
 
 
 def _pct(xs, q) -> float | None:
@@ -66,38 +111,49 @@ class PolicyNode(Node):
         if isinstance(policy, (str, os.PathLike)):
             overrides["policy"], policy = str(policy), None
         super().__init__("vla_policy", parameter_overrides=[])
-        p = self.declare_parameters("", [
-            ("policy", ""), ("remote", ""), ("fast", "on"), ("image_topic_prefix", "/camera"),
+        self.declare_parameters("", [
+            ("policy", ""), ("remote", ""), ("remote_server_key", ""), ("remote_secret_key_file", ""),
+            ("fast", "on"), ("server_threads", 1), ("image_topic_prefix", "/camera"),
             ("joint_states_topic", "/joint_states"), ("instruction_topic", "/instruction"),
             ("command_topic", "/command"), ("command_type", "trajectory"), ("joint_names", DEFAULT_JOINTS),
             ("joint_lower", DEFAULT_LOWER), ("joint_upper", DEFAULT_UPPER), ("max_step", 0.05),
-            ("control_rate", 50.0), ("watchdog_timeout", 0.5), ("blend_s", 0.2), ("status_topic", "/vla/status"),
-            ("status_rate", 2.0), ("estop_topic", "/vla/estop"), ("replan_period", 0.4),
+            ("control_rate", 50.0), ("watchdog_timeout", 0.5), ("stamp_check", True), ("stamp_tolerance", 0.2),
+            ("blend_s", 0.2), ("status_topic", "/vla/status"), ("status_rate", 2.0),
+            ("estop_topic", "/vla/estop"), ("replan_period", 0.4),
         ])
         for name, value in overrides.items():
             self.set_parameters([rclpy.parameter.Parameter(name, value=value)])
         g = lambda n: self.get_parameter(n).value  # noqa: E731
-        self.policy = policy if policy is not None else self._load_policy(g("policy"), g("remote"), g("fast"))
+        self._local = None
+        self.policy = policy if policy is not None else self._load_policy(g)
         spec = self.policy.spec
         self.cameras, self.size = list(spec["cameras"]), spec["image_size"]
+        self.horizon, self.action_dim = spec["horizon"], spec["action_dim"]
         self.joint_names = list(g("joint_names"))
-        if len(self.joint_names) != spec["action_dim"] or len(self.joint_names) != spec["state_dim"]:
-            raise ValueError(f"joint_names has {len(self.joint_names)} names; the policy's state/action "
-                             f"dims are {spec['state_dim']}/{spec['action_dim']}")
-        if g("command_type") not in ("trajectory", "float64_array"):
-            raise ValueError(f"command_type must be trajectory or float64_array, got {g('command_type')!r}")
+        try:
+            self._check_parameters(spec, g)
+        except ValueError:
+            if self._local is not None:  # no orphaned server process behind a refused configuration
+                self._local.stop()
+            raise
         self.command_type = g("command_type")
         self.period = 1.0 / g("control_rate")
         self.replan_period = g("replan_period")
         self.watchdog = g("watchdog_timeout")
+        self.stamp_check, self.stamp_tolerance = g("stamp_check"), g("stamp_tolerance")
         self.safety = SafetyFilter(g("joint_lower"), g("joint_upper"), g("max_step"))
         self.player = ChunkPlayer(spec.get("fps", 10), g("blend_s"))
 
         self.lock = threading.Lock()
-        self.images: dict[str, tuple[np.ndarray, float]] = {}
-        self.joints: tuple[np.ndarray, float] | None = None
+        self.images: dict[str, tuple[np.ndarray, float, float]] = {}  # camera -> (image, stamp, received)
+        self.joints: tuple[np.ndarray, float, float] | None = None  # (positions, stamp, received)
+        self.last_stamp: dict[str, float] = {}  # stream -> stamp of its last accepted message
+        self.input_problems: dict[str, str] = {}  # stream -> why its last message was refused
         self.instruction: str | None = None
         self.estop = False
+        self._estop_asserted_at: float | None = None  # receive time of the topic's last True
+        self.fault: str | None = None
+        self.plan_epoch = 0  # +1 whenever the plan is discarded: a chunk from an older epoch is dropped
         self.rejected: Counter = Counter()
         self.infer_ms: deque = deque(maxlen=500)
         self.latency_ms: deque = deque(maxlen=500)
@@ -120,45 +176,50 @@ class PolicyNode(Node):
                                  callback_group=sensors)
         self.create_subscription(String, g("instruction_topic"), self._on_instruction, LATCHED_QOS,
                                  callback_group=sensors)
-        self.create_subscription(Bool, g("estop_topic"), lambda m: self._set_estop(m.data), COMMAND_QOS,
-                                 callback_group=sensors)
+        # A RELIABLE subscription never matches a BEST_EFFORT publisher (joystick and button nodes
+        # often are): subscribe both ways; a reliable publisher's message then arrives twice, which
+        # engaging a latch does not mind.
+        for qos in (COMMAND_QOS, ESTOP_BEST_EFFORT_QOS):
+            self.create_subscription(Bool, g("estop_topic"), self._on_estop_topic, qos, callback_group=sensors)
         self.create_service(SetBool, "~/estop", self._on_estop_service, callback_group=sensors)
         msg_type = JointTrajectory if self.command_type == "trajectory" else Float64MultiArray
         self.cmd_pub = self.create_publisher(msg_type, g("command_topic"), COMMAND_QOS)
         self.status_pub = self.create_publisher(String, g("status_topic"), COMMAND_QOS)
+        self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
         self.create_timer(self.period, self._on_control, callback_group=MutuallyExclusiveCallbackGroup())
         self.create_timer(1.0 / g("status_rate"), self._publish_status, callback_group=sensors)
         self._running = True
         self._infer_thread = threading.Thread(target=self._infer_loop, name="vla-inference", daemon=True)
         self._infer_thread.start()
 
-    def _load_policy(self, path: str, remote: str, fast: str):
-        """A client of `remote`, or of an inference server this node starts in a child process: the
-        model runs outside this process, so its many small torch calls never hold this process's
-        GIL against the control timer."""
-        from vla.ros_nodes.server import PolicyClient
-
-        self._server = None
-        if path and not remote and not (Path(path) / "config.json").is_file():
+    def _load_policy(self, g):
+        """A client of `remote`, or of an inference server this node starts in a child process."""
+        path, remote = g("policy"), g("remote")
+        if remote:
+            server_key = g("remote_server_key").encode() or None
+            secret = g("remote_secret_key_file")
+            secret_key = Path(secret).read_text().strip().encode() if secret else None
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    return PolicyClient(remote, timeout_ms=2000, curve_server_key=server_key,
+                                        curve_secret_key=secret_key)
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise
+        if path and not (Path(path) / "config.json").is_file():
             raise ValueError(f"policy: {path} is not a policy artifact (no config.json there)")
-        if not remote:
-            import subprocess
-            import sys
-            import tempfile
-            import uuid
+        self._local = LocalInferenceServer(path, g("fast"), g("server_threads"))
+        return self._local.start()
 
-            remote = f"ipc://{tempfile.gettempdir()}/vla-policy-{uuid.uuid4().hex[:12]}"
-            cmd = [sys.executable, "-m", "vla.cli", "serve", "--bind", remote, "--fast", fast]
-            self._server = subprocess.Popen(cmd + (["--policy", path] if path else []))
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                return PolicyClient(remote, timeout_ms=2000)
-            except TimeoutError:
-                if self._server is not None and self._server.poll() is not None:
-                    raise RuntimeError(f"the inference server exited with {self._server.returncode}") from None
-                if time.monotonic() > deadline:
-                    raise
+    def _check_parameters(self, spec: dict, g) -> None:
+        if len(self.joint_names) != spec["action_dim"] or len(self.joint_names) != spec["state_dim"]:
+            raise ValueError(f"joint_names has {len(self.joint_names)} names; the policy's state/action "
+                             f"dims are {spec['state_dim']}/{spec['action_dim']}")
+        if len(set(self.joint_names)) != len(self.joint_names):
+            raise ValueError(f"joint_names has duplicates: {self.joint_names}")
+        if g("command_type") not in ("trajectory", "float64_array"):
+            raise ValueError(f"command_type must be trajectory or float64_array, got {g('command_type')!r}")
 
     def now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -167,68 +228,112 @@ class PolicyNode(Node):
         self.rejected[reason] += 1
         self.get_logger().warning(f"rejected {reason}: {detail}", throttle_duration_sec=2.0)
 
+    def _discard_plan(self) -> None:
+        """Under the lock: nothing planned so far is played; the next chunk blends in from the command held now."""
+        self.plan_epoch += 1
+        self.player.restart(self.safety.hold())
+
     # --- inputs ---
-    def _on_image(self, cam: str, msg: Image) -> None:
+    def _stamp_problem(self, stream: str, stamp: float, now: float) -> str | None:
+        if not self.stamp_check:
+            return None
+        last = self.last_stamp.get(stream)
+        if last is not None and stamp <= last:
+            return f"stamp {stamp:.6f} does not advance (last accepted {last:.6f})"
+        if now - stamp > self.watchdog + self.stamp_tolerance:
+            return f"stamp {now - stamp:.3f} s old (limit watchdog_timeout + stamp_tolerance)"
+        if stamp - now > self.stamp_tolerance:
+            return f"stamp {stamp - now:.3f} s ahead of this node's clock (stamp_tolerance {self.stamp_tolerance} s)"
+        return None
+
+    def _accept(self, stream: str, msg, decode):
+        """decode() the message, check its stamp; the value, or None with the rejection counted."""
         try:
-            img = image_to_array(msg, self.size)
+            value = decode()
         except ValueError as e:
-            return self._reject(f"image_{cam}", str(e))
+            self.input_problems[stream] = str(e)
+            return self._reject(stream, str(e))
+        stamp, now = stamp_s(msg), self.now()
+        problem = self._stamp_problem(stream, stamp, now)
+        if problem:
+            self.input_problems[stream] = problem
+            return self._reject(f"stamp_{stream}", problem)
+        self.input_problems.pop(stream, None)
+        self.last_stamp[stream] = stamp
+        return value, stamp, now
+
+    def _on_image(self, cam: str, msg: Image) -> None:
+        got = self._accept(f"image_{cam}", msg, lambda: image_to_array(msg, self.size))
+        if got is None:
+            return
         with self.lock:
-            self.images[cam] = (img, stamp_s(msg), self.now())
+            self.images[cam] = got
             self._obs_version += 1
             self._new_obs.notify_all()
 
     def _on_joints(self, msg: JointState) -> None:
-        names, pos = list(msg.name), list(msg.position)
-        unknown = [n for n in names if n not in self.joint_names]
-        if unknown:
-            return self._reject("joint_state", f"unknown joint names {unknown}")
-        if len(pos) != len(names):
-            return self._reject("joint_state", f"{len(names)} names but {len(pos)} positions")
-        missing = [n for n in self.joint_names if n not in names]
-        if missing:
-            return self._reject("joint_state", f"missing joints {missing}")
-        q = np.array([pos[names.index(n)] for n in self.joint_names], dtype=np.float64)
-        if not np.all(np.isfinite(q)):
-            return self._reject("joint_state", f"non-finite position {q.tolist()}")
+        got = self._accept("joint_state", msg, lambda: joint_positions(msg, self.joint_names))
+        if got is None:
+            return
         with self.lock:
-            if self.joints is None or self.safety.last is None:
-                self.safety.start_from(q)
-            self.joints = (q, self.now())
+            if self.safety.last is None:
+                self.safety.start_from(got[0])  # the first command moves from the measured position
+            self.joints = got
 
     def _on_instruction(self, msg: String) -> None:
         text = msg.data.strip()
         if not text:
             return self._reject("instruction", "empty instruction")
-        with self.lock:  # every instruction starts an episode: drop the old chunk, move from where the arm is
+        with self.lock:  # a new episode: re-plan from the command held now (never from the measured position)
             self.instruction = text
-            self.player = ChunkPlayer(self.player.fps, self.player.blend_s)
-            self.safety.last = None
-            self.joints = None
+            self._discard_plan()
             self._reset_pending = True  # the inference thread resets the policy before its next call
 
-    def _set_estop(self, on: bool) -> None:
+    def _engage_estop(self, source: str) -> None:
         with self.lock:
-            if on and not self.estop:
-                self.get_logger().warning("E-STOP: holding position (latched until released)")
-            if not on and self.estop:
-                self.get_logger().info("e-stop released")
-                self.player = ChunkPlayer(self.player.fps, self.player.blend_s)  # no stale chunk after a stop
-            self.estop = bool(on)
+            if not self.estop:
+                self.get_logger().warning(f"E-STOP from {source}: holding position (latched until reset)")
+                self._discard_plan()
+            self.estop = True
+
+    def _on_estop_topic(self, msg: Bool) -> None:
+        """True engages the stop; False only says the button is no longer pressed: it never releases."""
+        if msg.data:
+            self._estop_asserted_at = self.now()
+            self._engage_estop("topic")
+        else:
+            self._estop_asserted_at = None
 
     def _on_estop_service(self, request, response):
-        self._set_estop(request.data)
-        response.success, response.message = True, "e-stop engaged" if request.data else "e-stop released"
+        """SetBool True engages; False is the explicit reset, refused while the topic still asserts
+        the stop. A release needs this deliberate call, as industrial e-stops (ISO 13850) and
+        ros2_control hardware interfaces do: a button node that publishes its state continuously
+        would otherwise release the stop the moment the button is let go."""
+        if request.data:
+            self._engage_estop("service")
+            response.success, response.message = True, "e-stop engaged"
+            return response
+        asserted = self._estop_asserted_at
+        if asserted is not None and self.now() - asserted < ESTOP_ASSERTED_S:
+            response.success, response.message = False, "e-stop still asserted on the topic: release it first"
+            return response
+        with self.lock:
+            if self.estop:
+                self.get_logger().info("e-stop reset")
+                self._discard_plan()  # no chunk planned before the stop is played after it
+            self.estop = False
+        response.success, response.message = True, "e-stop released"
         return response
 
     def _fresh(self, now: float) -> bool:
-        if self.joints is None or now - self.joints[1] > self.watchdog:
+        streams = [self.joints] + [self.images.get(c) for c in self.cameras]
+        if any(s is None or now - s[2] > self.watchdog for s in streams):
             return False
-        return all(c in self.images and now - self.images[c][2] <= self.watchdog for c in self.cameras)
+        return not self.stamp_check or all(now - s[1] <= self.watchdog + self.stamp_tolerance for s in streams)
 
     # --- inference, off the control timer ---
     def _infer_loop(self) -> None:
-        seen, last_start = -1, -float("inf")
+        seen, last_start, failures = -1, -float("inf"), 0
         while self._running:
             wait = last_start + self.replan_period - time.monotonic()
             if wait > 0:  # re-plan at a fixed period: the chunk covers the time between
@@ -247,21 +352,63 @@ class PolicyNode(Node):
                 obs["task"] = self.instruction
                 t_obs = min(self.images[c][1] for c in self.cameras)
                 reset, self._reset_pending = self._reset_pending, False
+                epoch = self.plan_epoch
             last_start = time.monotonic()
             t0 = time.perf_counter()
             try:
                 if reset:
                     self.policy.reset(0)
-                chunk = np.asarray(self.policy.act_chunk(obs), dtype=np.float64)
-            except Exception as e:  # a bad model call or a lost server: keep running, hold on the watchdog
-                self._reject("inference", f"{type(e).__name__}: {e}")
-                time.sleep(0.05)
+                chunk = check_chunk(self.policy.act_chunk(obs), self.horizon, self.action_dim)
+            except Exception as e:  # a bad chunk, a refused observation or a lost server: hold, report, recover
+                failures += 1
+                self._policy_failed(e, failures)
                 continue
+            failures = 0
             self.infer_ms.append((time.perf_counter() - t0) * 1e3)
             with self.lock:
-                if not self.estop:
+                if not self.estop and epoch == self.plan_epoch:
                     self.player.push(chunk, t_obs, self.now())
                     self._pending_latency = t_obs
+                    self.fault = None
+
+    def _policy_failed(self, error: Exception, failures: int) -> None:
+        kind = "chunk" if isinstance(error, ChunkError) else "inference"
+        detail = f"{type(error).__name__}: {error}"
+        self._reject(kind, detail)
+        with self.lock:
+            self.fault = f"{kind}: {detail}"[:300]
+            self._discard_plan()
+            self._reset_pending = True  # a restarted or reconnected server starts a new session
+        if isinstance(error, ServerError):  # it answered: alive, this observation or chunk was refused
+            return time.sleep(0.05)
+        if self._local is not None and (self._local.exited() is not None or isinstance(error, TimeoutError)):
+            self._restart_local(failures)
+        else:  # a remote server, or a policy object in this process: retry, backing off
+            time.sleep(min(0.05 * 2 ** failures, 2.0))
+
+    def _restart_local(self, failures: int) -> None:
+        code = self._local.exited()
+        if code is None and failures < 3:  # alive but slow: give it two more timeouts
+            return
+        self.get_logger().error(f"inference server {'exited with ' + str(code) if code is not None else 'hung'}: "
+                                "restarting")
+        for attempt in range(len(self._local.backoff_s)):
+            try:
+                client = self._local.restart(attempt, keep_going=lambda: self._running)
+            except (RuntimeError, TimeoutError) as e:
+                with self.lock:
+                    self.fault = f"inference: server restart {attempt + 1} failed: {e}"
+                if not self._running:
+                    return
+                continue
+            old, self.policy = self.policy, client
+            old.close()
+            return
+        with self.lock:
+            self.fault = f"inference: server down, {len(self._local.backoff_s)} restarts failed; holding"
+        self.get_logger().error(self.fault)
+        while self._running:  # nothing more to try: hold until the node is stopped
+            time.sleep(0.5)
 
     # --- the control timer ---
     def _on_control(self) -> None:
@@ -274,13 +421,20 @@ class PolicyNode(Node):
         self._last_tick = now
         with self.lock:
             if self.estop:
-                state, cmd = "estop", self.safety.hold()
+                state = "estop"
             elif not self._fresh(now):
-                state, cmd = ("stale" if self.joints is not None else "waiting"), self.safety.hold()
+                state = "stale" if self.joints is not None else "waiting"
+            elif self.fault is not None:
+                state = "fault"
             else:
                 target = self.player.command(now)
                 state = "ok" if target is not None else "waiting"
-                cmd = self.safety.filter(target) if target is not None else self.safety.hold()
+            if state == "ok":
+                cmd = self.safety.filter(target)
+            else:
+                if state == "stale" and self.player.chunk is not None:
+                    self._discard_plan()  # what was planned before the dropout is not played after it
+                cmd = self.safety.hold()
             self.safety_state = state
             pending, self._pending_latency = self._pending_latency, None
         if cmd is None:
@@ -308,31 +462,77 @@ class PolicyNode(Node):
 
     def status(self) -> dict:
         now = self.now()
-        return {
-            "safety": self.safety_state, "estop": self.estop, "commands": self.commands,
-            "infer_ms_p50": _pct(self.infer_ms, 50), "infer_ms_p99": _pct(self.infer_ms, 99),
-            "latency_ms_p50": _pct(self.latency_ms, 50), "latency_ms_p99": _pct(self.latency_ms, 99),
-            "jitter_ms_p50": _pct(self.jitter_ms, 50), "jitter_ms_p99": _pct(self.jitter_ms, 99),
-            "dropped_periods": self.dropped, "chunk_age_s": min(self.player.age(now), 1e9),
-            "clamped": self.safety.clamped, "rejected": dict(self.rejected),
-            "limit_hits": dict(zip(self.joint_names, self.safety.limit_hits.tolist())),
-            "rate_hits": dict(zip(self.joint_names, self.safety.rate_hits.tolist())),
-        }
+        with self.lock:
+            inputs = {s: self.input_problems.get(s, "ok")
+                      for s in [f"image_{c}" for c in self.cameras] + ["joint_state"]}
+            return {
+                "safety": self.safety_state, "estop": self.estop, "fault": self.fault, "inputs": inputs,
+                "commands": self.commands,
+                "infer_ms_p50": _pct(self.infer_ms, 50), "infer_ms_p99": _pct(self.infer_ms, 99),
+                "latency_ms_p50": _pct(self.latency_ms, 50), "latency_ms_p99": _pct(self.latency_ms, 99),
+                "jitter_ms_p50": _pct(self.jitter_ms, 50), "jitter_ms_p99": _pct(self.jitter_ms, 99),
+                "dropped_periods": self.dropped, "chunk_age_s": min(self.player.age(now), 1e9),
+                "clamped": self.safety.clamped, "rejected": dict(self.rejected),
+                "server_restarts": self._local.restarts if self._local is not None else 0,
+                "limit_hits": dict(zip(self.joint_names, self.safety.limit_hits.tolist())),
+                "rate_hits": dict(zip(self.joint_names, self.safety.rate_hits.tolist())),
+            }
+
+    def diagnostics(self, status: dict) -> DiagnosticArray:
+        """The status as one DiagnosticStatus (rqt_robot_monitor, diagnostic_aggregator)."""
+        state = status["safety"]
+        problems = {k: v for k, v in status["inputs"].items() if v != "ok"}
+        message = state if not (status["fault"] or problems) else \
+            f"{state}: {status['fault'] or '; '.join(f'{k}: {v}' for k, v in problems.items())}"
+        values = [KeyValue(key=k, value=v if isinstance(v, str) else json.dumps(v)) for k, v in status.items()]
+        diag = DiagnosticStatus(level=LEVELS[state], name=f"{self.get_name()}: policy", message=message[:500],
+                                hardware_id=self.get_name(), values=values)
+        msg = DiagnosticArray(status=[diag])
+        msg.header.stamp = self.get_clock().now().to_msg()
+        return msg
 
     def _publish_status(self) -> None:
-        self.status_pub.publish(String(data=json.dumps(self.status())))
+        status = self.status()
+        self.status_pub.publish(String(data=json.dumps(status)))
+        self.diag_pub.publish(self.diagnostics(status))
 
     def destroy_node(self):
         if not hasattr(self, "_infer_thread"):  # __init__ failed before starting it (bad parameters)
+            if getattr(self, "_local", None) is not None:
+                self._local.stop()
             return super().destroy_node()
         self._running = False
         with self.lock:
             self._new_obs.notify_all()
-        self._infer_thread.join(2)
-        if getattr(self, "_server", None) is not None:
-            self._server.terminate()
-            try:
-                self._server.wait(10)
-            except Exception:
-                self._server.kill()
+        self._infer_thread.join(5)
+        if self._local is not None:
+            self._local.stop()
         return super().destroy_node()
+
+
+def main(args: list[str] | None = None) -> int:
+    """`vla node` / `vla-policy-node`: the policy node alone, for a real arm. Takes ROS arguments as
+    `ros2 run` passes them: --ros-args --params-file configs/policy_node.yaml -p policy:=DIR ..."""
+    rclpy.init(args=sys.argv if args is None else ["vla-policy-node", *args])
+    try:
+        node = PolicyNode()
+    except (ValueError, RuntimeError, TimeoutError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        rclpy.try_shutdown()
+        return 2
+    executor = SingleThreadedExecutor()  # every callback is sub-millisecond; the model runs elsewhere
+    executor.add_node(node)
+    node.get_logger().info(f"driving {node.joint_names} at {1 / node.period:.0f} Hz; cameras {node.cameras}")
+    try:
+        executor.spin()
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    finally:
+        executor.shutdown()
+        node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -195,18 +195,30 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from vla.policies import Policy
-    from vla.ros_nodes.server import PolicyServer
+    import torch
 
-    key = Path(args.curve_secret_key_file).read_text().strip().encode() if args.curve_secret_key_file else None
+    from vla.policies import Policy
+    from vla.ros_nodes.server import PolicyServer, load_authorized_keys, parse_bind
+
+    try:
+        parse_bind(args.bind)
+        key = Path(args.curve_secret_key_file).read_text().strip().encode() if args.curve_secret_key_file else None
+        allowed = load_authorized_keys(args.curve_authorized_keys) if args.curve_authorized_keys else None
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     path = args.policy or shipped_policy()
     policy = Policy.from_pretrained(path, fast=_fast(args.fast))
+    policy.warmup()  # compile before the first client is told the server is up
     try:
-        server = PolicyServer(policy, args.bind, curve_secret_key=key)
+        server = PolicyServer(policy, args.bind, curve_secret_key=key, authorized_keys=allowed)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {path} on {server.address} (Ctrl-C stops)", flush=True)
+    clients = f"{len(allowed)} authorized client keys" if allowed else "any client"
+    print(f"serving {path} on {server.address} to {clients} (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -214,6 +226,37 @@ def cmd_serve(args) -> int:
     finally:
         server.close()
     return 0
+
+
+def cmd_keygen(args) -> int:
+    """A CURVE key pair: NAME.key (public, for the other side) and NAME.key_secret (mode 0600)."""
+    import os
+
+    import zmq
+
+    public, secret = zmq.curve_keypair()
+    base = Path(args.name)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    pub, sec = base.with_name(base.name + ".key"), base.with_name(base.name + ".key_secret")
+    if (pub.exists() or sec.exists()) and not args.force:
+        print(f"error: {pub} or {sec} exists (--force replaces them)", file=sys.stderr)
+        return 2
+    pub.write_text(public.decode() + "\n")
+    fd = os.open(sec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secret.decode() + "\n")
+    print(f"public key {pub}: {public.decode()}\nsecret key {sec} (keep it on this machine)")
+    return 0
+
+
+def cmd_node(args) -> int:
+    """The policy node alone, for a real arm: ROS arguments as `ros2 run` takes them."""
+    try:
+        from vla.ros_nodes.policy_node import main as node_main
+    except ImportError as e:
+        print(f"error: ROS2 is not installed ({e}); pip install -e '.[ros]'", file=sys.stderr)
+        return 2
+    return node_main(args.ros_args)
 
 
 def cmd_run(args) -> int:
@@ -310,9 +353,24 @@ def main(argv: list[str] | None = None) -> int:
     sv = sub.add_parser("serve", help="serve a policy over zmq (msgpack request/reply)")
     sv.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
     sv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="loopback unless CURVE keys are given")
-    sv.add_argument("--curve-secret-key-file", default=None, help="Z85 CURVE secret key (required off loopback)")
+    sv.add_argument("--curve-secret-key-file", default=None,
+                    help="the server's Z85 CURVE secret key (required off loopback; `vla keygen` makes one)")
+    sv.add_argument("--curve-authorized-keys", default=None,
+                    help="file of client public keys, one per line: only those clients are served")
     sv.add_argument("--fast", choices=list(FAST_PRESETS), default="on")
+    sv.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     sv.set_defaults(func=cmd_serve)
+
+    kg = sub.add_parser("keygen", help="a CURVE key pair for `vla serve` and its clients")
+    kg.add_argument("name", help="writes NAME.key (public) and NAME.key_secret (secret, mode 0600)")
+    kg.add_argument("--force", action="store_true", help="replace existing files")
+    kg.set_defaults(func=cmd_keygen)
+
+    nd = sub.add_parser("node", help="the ROS2 policy node alone, to drive a real arm",
+                        description="Starts the policy node as `ros2 run` would; everything after `node` "
+                                    "goes to ROS, e.g. vla node --ros-args --params-file "
+                                    "configs/policy_node.yaml -p policy:=runs/x/final")
+    nd.set_defaults(func=cmd_node, ros_args=[])
 
     r = sub.add_parser("run", help="the policy drives the simulated arm through real ROS2 nodes")
     r.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
@@ -332,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true")
     t.set_defaults(func=cmd_train)
 
-    v = sub.add_parser("eval", help="policy success in the sim tasks, with 95% intervals")
+    v = sub.add_parser("eval", help="policy success in the sim tasks, with 95%% intervals")
     v.add_argument("--policy", required=True, help="artifact directory")
     v.add_argument("--tasks", type=_tasks, default="all")
     v.add_argument("--episodes", type=int, default=50, help="episodes per task")
@@ -346,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="a FastConfig option on top of --fast, e.g. reuse_threshold=0.05 (repeatable)")
     v.set_defaults(func=cmd_eval)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["node"] and not set(argv[1:2]) & {"-h", "--help"}:  # the rest belongs to ROS
+        return cmd_node(argparse.Namespace(ros_args=argv[1:]))
     args = p.parse_args(argv)
     if isinstance(getattr(args, "tasks", None), str):
         args.tasks = _tasks(args.tasks)

@@ -206,6 +206,7 @@ class FastVLA:
             self.encode, self.denoise = self.graphs.encode, self.graphs.denoise
         self.timings: dict[str, float] | None = None  # set to {} to have step() record its stages (s)
         self._warm = False
+        self.owner = None  # the Policy whose frames the caches hold (policies/policy.py)
         self.reset()
 
     # --- once per model ---
@@ -239,7 +240,20 @@ class FastVLA:
             self.mods.append([blk.ada(cond)[:, None] for blk in head.blocks])
 
     # --- once per instruction / episode ---
+    @torch.no_grad()
     def reset(self) -> None:
+        """A new episode: every cache is zeroed (nothing an earlier call computed, a NaN included,
+        can reach a later one through a masked-out entry) and the instruction is encoded again."""
+        for layer in self.vision_layers + self.lm_layers:
+            layer.self_attn.vla_slot.k.zero_()
+            layer.self_attn.vla_slot.v.zero_()
+        for k, v in self.head_kv:
+            k.zero_()
+            v.zero_()
+        self.instruction = None
+        self._forget_frames()
+
+    def _forget_frames(self) -> None:
         self.steps_since_full = 0
         self.ref_images: torch.Tensor | None = None  # the pixels the caches were computed from
         self.relevance: torch.Tensor | None = None
@@ -249,6 +263,8 @@ class FastVLA:
     def set_instruction(self, text: str) -> None:
         bb = self.model.backbone
         ids, mask = bb.tokenize([text], self.device)
+        if not mask.any():  # every text row of the prefix would attend to nothing: NaN in every cache
+            raise ValueError(f"the instruction {text[:80]!r} has no tokens")
         self.key_valid.fill_(True)
         self.key_valid[:, : self.text_len] = mask
         if bb.film is not None:
@@ -258,7 +274,7 @@ class FastVLA:
         self._run_lm(h, pos, self.key_valid)
         self._write_head_rows(h_final=self._last_lm_out, pos=pos)
         self.instruction = text
-        self.reset()
+        self._forget_frames()
 
     # --- per step ---
     def _lm_mask(self, pos: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
