@@ -36,6 +36,7 @@ import numpy as np
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup, ReentrantCallbackGroup
+from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
@@ -179,8 +180,10 @@ class PolicyNode(Node):
         # A RELIABLE subscription never matches a BEST_EFFORT publisher (joystick and button nodes
         # often are): subscribe both ways; a reliable publisher's message then arrives twice, which
         # engaging a latch does not mind.
+        quiet = SubscriptionEventCallbacks(incompatible_qos=lambda event: None)  # the other one matches
         for qos in (COMMAND_QOS, ESTOP_BEST_EFFORT_QOS):
-            self.create_subscription(Bool, g("estop_topic"), self._on_estop_topic, qos, callback_group=sensors)
+            self.create_subscription(Bool, g("estop_topic"), self._on_estop_topic, qos, callback_group=sensors,
+                                     event_callbacks=quiet)
         self.create_service(SetBool, "~/estop", self._on_estop_service, callback_group=sensors)
         msg_type = JointTrajectory if self.command_type == "trajectory" else Float64MultiArray
         self.cmd_pub = self.create_publisher(msg_type, g("command_topic"), COMMAND_QOS)
@@ -237,13 +240,13 @@ class PolicyNode(Node):
     def _stamp_problem(self, stream: str, stamp: float, now: float) -> str | None:
         if not self.stamp_check:
             return None
-        last = self.last_stamp.get(stream)
-        if last is not None and stamp <= last:
-            return f"stamp {stamp:.6f} does not advance (last accepted {last:.6f})"
         if now - stamp > self.watchdog + self.stamp_tolerance:
             return f"stamp {now - stamp:.3f} s old (limit watchdog_timeout + stamp_tolerance)"
         if stamp - now > self.stamp_tolerance:
             return f"stamp {stamp - now:.3f} s ahead of this node's clock (stamp_tolerance {self.stamp_tolerance} s)"
+        last = self.last_stamp.get(stream)
+        if last is not None and stamp <= last:
+            return f"stamp {stamp:.6f} does not advance (last accepted {last:.6f})"
         return None
 
     def _accept(self, stream: str, msg, decode):
