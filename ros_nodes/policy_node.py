@@ -15,7 +15,9 @@ played afterwards; the next chunk blends in from the held command) when
   - the policy fails: a call raises, its server dies (a local one is restarted with backoff, a
     remote one reconnected) or a chunk is not (horizon x action_dim) and finite.
 A new instruction also discards the plan, and the arm holds its last command until the new plan
-blends in from there. Malformed messages are rejected with a logged reason and counted. Figures go
+blends in from there. The service `~/reset` (std_srvs/Trigger) is for a robot that was moved
+(homed by hand, a simulator's episode reset): the node forgets its command and starts again from
+the first joint state stamped after the call. Malformed messages are rejected with a logged reason and counted. Figures go
 out as JSON on the status topic and as diagnostic_msgs/DiagnosticArray on /diagnostics.
 
 Start it alone against a robot with `vla node --ros-args --params-file configs/policy_node.yaml`
@@ -42,7 +44,7 @@ from rclpy.node import Node
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
-from std_srvs.srv import SetBool
+from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from vla.ros_nodes.control import ChunkError, ChunkPlayer, SafetyFilter, check_chunk
@@ -154,6 +156,7 @@ class PolicyNode(Node):
         self.estop = False
         self._estop_asserted_at: float | None = None  # receive time of the topic's last True
         self.fault: str | None = None
+        self._start_after = -float("inf")  # joint states stamped before a `~/reset` call are ignored
         self.plan_epoch = 0  # +1 whenever the plan is discarded: a chunk from an older epoch is dropped
         self.rejected: Counter = Counter()
         self.infer_ms: deque = deque(maxlen=500)
@@ -185,6 +188,7 @@ class PolicyNode(Node):
             self.create_subscription(Bool, g("estop_topic"), self._on_estop_topic, qos, callback_group=sensors,
                                      event_callbacks=quiet)
         self.create_service(SetBool, "~/estop", self._on_estop_service, callback_group=sensors)
+        self.create_service(Trigger, "~/reset", self._on_reset_service, callback_group=sensors)
         msg_type = JointTrajectory if self.command_type == "trajectory" else Float64MultiArray
         self.cmd_pub = self.create_publisher(msg_type, g("command_topic"), COMMAND_QOS)
         self.status_pub = self.create_publisher(String, g("status_topic"), COMMAND_QOS)
@@ -279,6 +283,8 @@ class PolicyNode(Node):
         if got is None:
             return
         with self.lock:
+            if (got[1] if self.stamp_check else got[2]) < self._start_after:
+                return  # measured before the robot was moved (`~/reset`)
             if self.safety.last is None:
                 self.safety.start_from(got[0])  # the first command moves from the measured position
             self.joints = got
@@ -291,6 +297,19 @@ class PolicyNode(Node):
             self.instruction = text
             self._discard_plan()
             self._reset_pending = True  # the inference thread resets the policy before its next call
+
+    def _on_reset_service(self, request, response):
+        """The robot was moved: no command until a joint state measured after this call, then
+        move from there. The e-stop, if engaged, stays engaged."""
+        with self.lock:
+            self._discard_plan()
+            self.player.restart(None)
+            self.safety.last = None
+            self.joints = None
+            self._start_after = self.now()
+            self._reset_pending = True
+        response.success, response.message = True, "commands start again from the next measured position"
+        return response
 
     def _engage_estop(self, source: str) -> None:
         with self.lock:

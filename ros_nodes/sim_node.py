@@ -5,6 +5,10 @@ Float64MultiArray, as the policy node sends them), steps the physics, and publis
 sensor_msgs/Image per camera (rgb8) and the sensor_msgs/JointState, stamped with the time of
 the frame. The instruction goes out latched on a String topic at every episode start; when an
 episode ends (success or time limit) a JSON String on `~/episode` reports it and the next seed starts.
+
+An episode start teleports the arm to the new layout's start pose, which no real arm does: so the
+sim calls the policy node's `~/reset` service first (as an operator would after homing an arm),
+holds the physics until it is answered, and ignores commands stamped before the answer.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from rclpy.node import Node
 from rclpy.qos import qos_profile_sensor_data
 from sensor_msgs.msg import Image, JointState
 from std_msgs.msg import Float64MultiArray, String
+from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS
@@ -25,7 +30,8 @@ from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS
 class SimRobotNode(Node):
     def __init__(self, task: str = "pick_cube", seed: int = 1_000_000, episodes: int = 1, image_size: int = 96,
                  cameras=("front", "wrist"), image_topic_prefix: str = "/camera", command_topic: str = "/command",
-                 command_type: str = "trajectory", joint_names=DEFAULT_JOINTS, instruction_topic: str = "/instruction"):
+                 command_type: str = "trajectory", joint_names=DEFAULT_JOINTS, instruction_topic: str = "/instruction",
+                 policy_reset_service: str = "/vla_policy/reset"):
         super().__init__("vla_sim_robot")
         from vla.sim import make_env
         from vla.sim.env import CONTROL_HZ
@@ -45,6 +51,10 @@ class SimRobotNode(Node):
             self.create_subscription(JointTrajectory, command_topic, self._on_trajectory, COMMAND_QOS)
         else:
             self.create_subscription(Float64MultiArray, command_topic, self._on_array, COMMAND_QOS)
+        self.policy_reset = self.create_client(Trigger, policy_reset_service)
+        self.policy_reset.wait_for_service(timeout_sec=2.0)  # discovery; no policy node: no reset calls
+        self._resetting = None  # the policy node's answer to `~/reset`, while it is awaited
+        self._accept_after = None  # commands stamped before this (ROS time) belong to the last episode
         self.done = False
         self._start_episode()
         self.timer = self.create_timer(1.0 / CONTROL_HZ, self._tick)
@@ -52,10 +62,15 @@ class SimRobotNode(Node):
     def _start_episode(self) -> None:
         self.obs, _ = self.env.reset(seed=self.seed)
         self.command = None
+        if self.policy_reset.service_is_ready():
+            self._resetting = self.policy_reset.call_async(Trigger.Request())
         self.instruction_pub.publish(String(data=self.env.instruction))
         self._publish(self.obs)
 
-    def _set_command(self, values) -> None:
+    def _set_command(self, values, stamp=None) -> None:
+        if self._resetting is not None or (stamp is not None and self._accept_after is not None
+                                           and stamp < self._accept_after):
+            return  # planned for the pose before the episode reset
         cmd = np.asarray(values, dtype=np.float64)
         if cmd.shape != (len(self.joint_names),) or not np.all(np.isfinite(cmd)):
             self.rejected += 1
@@ -66,7 +81,7 @@ class SimRobotNode(Node):
         if not msg.points or list(msg.joint_names) != self.joint_names:
             self.rejected += 1
             return
-        self._set_command(msg.points[0].positions)
+        self._set_command(msg.points[0].positions, msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
 
     def _on_array(self, msg: Float64MultiArray) -> None:
         self._set_command(msg.data)
@@ -86,6 +101,11 @@ class SimRobotNode(Node):
     def _tick(self) -> None:
         if self.done:
             return
+        if self._resetting is not None:  # the policy node has not taken the new pose yet: wait, keep sensing
+            if not self._resetting.done():
+                return self._publish(self.obs)
+            self._resetting = None
+            self._accept_after = self.get_clock().now().nanoseconds * 1e-9
         action = self.command if self.command is not None else self.obs["observation.state"]
         self.obs, _, terminated, truncated, info = self.env.step(np.asarray(action, dtype=np.float32))
         self._publish(self.obs)

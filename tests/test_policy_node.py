@@ -177,6 +177,25 @@ def test_an_instruction_change_keeps_the_rate_limit_and_the_grip(ros):
         assert policy.resets >= 2  # the policy was reset for the new episode
 
 
+def test_a_reset_starts_again_from_the_position_measured_after_it(ros):
+    """`~/reset` is for a robot that was moved (homed, or a simulator's episode reset): unlike a new
+    instruction, the node then moves from where the arm is, not from its last command."""
+    from std_srvs.srv import Trigger
+
+    policy = ScriptedPolicy(constant([0.5, 0, 0, 0, 0, 0, 1.0]))
+    with graph(ros, policy) as (node, robot):
+        assert wait_for(lambda: robot.commands and np.allclose(robot.commands[-1][1], [0.5, 0, 0, 0, 0, 0, 1.0]))
+        robot.q = np.array([-0.4, 0.1, 0, 0, 0, 0, 0.0])  # moved by hand
+        response = node._on_reset_service(Trigger.Request(), Trigger.Response())
+        assert response.success
+        t0 = time.monotonic()
+        assert wait_for(lambda: len(robot.commands_since(t0)) > 30)
+        after = robot.commands_since(t0)
+        np.testing.assert_allclose(after[0], [-0.4, 0.1, 0, 0, 0, 0, 0.0], atol=MAX_STEP + 1e-9)
+        assert_smooth(after, robot.times_since(t0))
+        assert np.allclose(after[-1], [0.5, 0, 0, 0, 0, 0, 1.0])  # and on to the plan, rate-limited
+
+
 def test_an_estop_hold_does_not_move_on_a_new_instruction(ros):
     plans = {"press the red button": [0.5, 0, 0, 0, 0, 0, 1.0], "open the drawer": [-0.5, 0, 0, 0, 0, 0, 0.0]}
     policy = ScriptedPolicy(lambda obs: constant(plans[obs["task"]])(obs))
