@@ -21,8 +21,10 @@ from vla.ros_nodes.server import PolicyClient
 def thread_env(threads: int) -> dict:
     """Environment for a torch process that shares the CPU: `threads` intra-op threads, and OpenMP
     workers that sleep instead of spin-waiting when idle (a spinning process beside another one on
-    the same cores slowed both by 10x here; BENCHMARKS.md has the figures)."""
+    the same cores slowed both by 10x here; BENCHMARKS.md has the figures). 0: torch's defaults."""
     env = dict(os.environ)
+    if threads <= 0:
+        return env
     env.update({"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"})
     return env
 

@@ -7,6 +7,7 @@ multi-threaded executor measured 10x the jitter here), talking over real ROS2 to
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import resource
@@ -29,8 +30,20 @@ def node_parameters(path: str | Path | None) -> dict:
         raise ValueError(f"{path}: expected vla_policy: ros__parameters: {{...}}") from None
 
 
+def rss_mb(pid: int) -> float | None:
+    """Resident memory of a process in MB (Linux /proc), or None."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return None
+
+
 def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict | None = None,
-        policy=None, timeout_s: float = 600.0, domain_id: int | None = None, progress: bool = True) -> dict:
+        policy=None, timeout_s: float = 600.0, domain_id: int | None = None, progress: bool = True,
+        duration_s: float | None = None) -> dict:
+    """Each task's episodes in turn; with duration_s, the tasks cycle (new seeds each round) until
+    that many seconds have passed (a soak), and memory is reported after the first round and at the end."""
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
 
@@ -54,16 +67,26 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
         rclpy.shutdown()  # a bad parameter leaves ROS as it found it
         raise
     policy_path = node.get_parameter("policy").value  # "" for the shipped one or an object passed in
+    pids = {"node": os.getpid()}
+    if node._local is not None:
+        pids["server"] = node._local.process.pid
+    memory = {"start": {k: rss_mb(p) for k, p in pids.items()}}
+    t_stop = time.monotonic() + duration_s if duration_s else float("inf")
     try:
         spec = node.policy.spec
-        for task in tasks:
-            sim = SimRobotNode(task, seed=seed, episodes=episodes, image_size=spec["image_size"],
+        rounds = itertools.count() if duration_s else range(1)
+        for round_, task in ((n, t) for n in rounds for t in tasks):
+            if time.monotonic() >= t_stop:
+                break
+            if round_ == 1 and "first_round" not in memory:
+                memory["first_round"] = {k: rss_mb(p) for k, p in pids.items()}
+            sim = SimRobotNode(task, seed=seed + round_ * episodes, episodes=episodes, image_size=spec["image_size"],
                                cameras=spec["cameras"], command_type=node.command_type,
                                joint_names=node.joint_names)
             executor = SingleThreadedExecutor()
             executor.add_node(node)
             executor.add_node(sim)
-            t_end = time.monotonic() + timeout_s
+            t_end = min(time.monotonic() + timeout_s, t_stop)
             while not sim.done and time.monotonic() < t_end:
                 executor.spin_once(timeout_sec=0.1)
             if progress:
@@ -74,6 +97,9 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
             executor.remove_node(sim)
             executor.shutdown()
             sim.destroy_node()
+        if node._local is not None:
+            pids["server"] = node._local.process.pid  # restarted, perhaps
+        memory["end"] = {k: rss_mb(p) for k, p in pids.items()}
     finally:
         node.destroy_node()
         rclpy.shutdown()
@@ -82,7 +108,7 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
     final = statuses[-1] if statuses else {}
     return {"policy": policy_path, "episodes": results,
             "success_rate": sum(r["success"] for r in results) / max(1, len(results)),
-            "status": final, "wall_s": wall, "cpu_cores_used": cpu}
+            "status": final, "wall_s": wall, "cpu_cores_used": cpu, "rss_mb": memory}
 
 
 def format_run(r: dict) -> str:
@@ -99,5 +125,7 @@ def format_run(r: dict) -> str:
         f"{s.get('dropped_periods')}; commands {s.get('commands')}; clamped {s.get('clamped')}; "
         f"rejected {json.dumps(s.get('rejected'))}",
         f"clamped per channel: joint limits {json.dumps(s.get('limit_hits'))}, rate {json.dumps(s.get('rate_hits'))}",
-        f"wall {r['wall_s']:.0f} s, CPU {r['cpu_cores_used']:.2f} cores",
+        f"wall {r['wall_s']:.0f} s, CPU {r['cpu_cores_used']:.2f} cores; memory MB "
+        + "; ".join(f"{when} " + ", ".join(f"{k} {v:.0f}" for k, v in m.items() if v is not None)
+                    for when, m in r.get("rss_mb", {}).items()),
     ])

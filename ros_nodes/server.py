@@ -278,10 +278,11 @@ class PolicyServer:
                 parts.append(part.bytes)
             if not part.more:
                 break
-        if b"" in parts[1:]:
-            split = parts.index(b"", 1) + 1
-        else:
-            split = 1
+        split = 1
+        if b"" in parts[1:]:  # routing frames are zmq identities (at most 255 bytes), then the delimiter
+            k = parts.index(b"", 1)
+            if all(len(p) <= 255 for p in parts[1:k]):
+                split = k + 1
         return parts[:split], parts[split:], count - split
 
     def _send(self, route: list[bytes], reply: dict) -> None:

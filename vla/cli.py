@@ -274,7 +274,8 @@ def cmd_run(args) -> int:
     if args.remote:
         params["remote"] = args.remote
     params = {k: v for k, v in params.items() if v != ""}
-    r = run(args.tasks, episodes=args.episodes, seed=args.seed, params=params, domain_id=args.domain_id)
+    r = run(args.tasks, episodes=args.episodes, seed=args.seed, params=params, domain_id=args.domain_id,
+            duration_s=args.duration)
     print(format_run(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
@@ -381,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--fast", choices=list(FAST_PRESETS), default=None)
     r.add_argument("--remote", default=None, help="use a running `vla serve` (tcp://host:port) for inference")
     r.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID for this run")
+    r.add_argument("--duration", type=float, default=None,
+                   help="a soak: cycle through the tasks (new seeds each round) for this many seconds")
     r.add_argument("--json", default=None, help="also write the results here")
     r.set_defaults(func=cmd_run)
 
