@@ -117,7 +117,8 @@ class Policy:
             if img.shape != (s, s, 3) or img.dtype != np.uint8:
                 raise ObservationError(f"{key} must be uint8 {s}x{s}x3, got {img.dtype} {img.shape}")
         try:
-            state = np.asarray(obs.get("observation.state", ()), dtype=np.float32)
+            with np.errstate(over="ignore"):  # a float64 past float32's range becomes inf: refused below
+                state = np.asarray(obs.get("observation.state", ()), dtype=np.float32)
         except (TypeError, ValueError) as e:
             raise ObservationError(f"observation.state is not a vector of numbers: {e}") from None
         if state.shape != (self._spec["state_dim"],):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import re
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -219,6 +220,7 @@ class PolicyServer:
         self.served = 0
         self.dropped_replies = 0  # replies whose peer had gone or stopped reading
         self.evicted = 0  # sessions dropped to make room for a new connection
+        self.internal_errors = 0  # exceptions outside a request's handling (bugs), survived
         self._running = False
 
     # --- sessions ---
@@ -296,7 +298,10 @@ class PolicyServer:
         if not self.sock.poll(timeout_ms):
             return False
         route, body, n_parts = self._receive()
-        if n_parts == 1:
+        if len(route) + n_parts > MAX_PARTS:  # the parts past MAX_PARTS were not kept
+            reply = self._error(f"a message of {len(route) + n_parts} parts; at most {MAX_PARTS} (routing "
+                                "envelope and one request frame)")
+        elif n_parts == 1:
             reply = self.handle(body[0], route[0])
         else:
             reply = self._error(f"a request is one msgpack frame after the routing envelope; got {n_parts} parts")
@@ -307,7 +312,12 @@ class PolicyServer:
     def serve_forever(self, poll_ms: int = 100) -> None:
         self._running = True
         while self._running:
-            self.poll_once(poll_ms)
+            try:
+                self.poll_once(poll_ms)
+            except Exception as e:  # a bug here must not stop the server: count it, say it, go on
+                self.internal_errors += 1
+                print(f"vla serve: internal error ({type(e).__name__}: {e}); still serving", file=sys.stderr,
+                      flush=True)
 
     def stop(self) -> None:
         self._running = False

@@ -198,6 +198,40 @@ def fuzz(address: str, n: int, seed: int = 0, categories=CATEGORIES, check_every
     return result
 
 
+def big_frames(address: str, pid: int | None, n: int = 24, size: int = 16 * 1024 * 1024 - 1024) -> dict:
+    """One 16 MiB task (once read whole by the tokenizer: 13-17 s), then n pipelined frames of
+    `size` bytes from one peer (once ~650 MB more): reply time, and the server's memory."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 60000)
+    sock.connect(address)
+    out = {}
+    t0 = time.perf_counter()
+    sock.send_multipart([b"", encode({"v": PROTOCOL_VERSION, "cmd": "act", "obs": {"task": "x" * (16 * 2 ** 20 - 1024)}})])
+    reply = msgpack.unpackb(sock.recv_multipart()[-1])
+    out["task_16mib_reply_ms"] = round((time.perf_counter() - t0) * 1e3, 1)
+    out["task_16mib_error"] = reply.get("error", "")[:80]
+    before = rss_mb(pid) if pid else None
+    peak = before
+    pad = encode({"v": PROTOCOL_VERSION, "cmd": "hello", "pad": b"\0" * (size - 64)})
+    for _ in range(n):
+        sock.send_multipart([b"", pad], copy=False)
+    answered = 0
+    for _ in range(n):
+        try:
+            sock.recv_multipart()
+            answered += 1
+        except zmq.Again:
+            break
+        if pid:
+            peak = max(peak, rss_mb(pid))
+    sock.close(0)
+    out.update(pipelined_frames=n, pipelined_answered=answered,
+               server_rss_mb_before=before and round(before, 1), server_rss_mb_peak=peak and round(peak, 1))
+    return out
+
+
 def rss_mb(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -235,10 +269,11 @@ def main() -> int:
     t0 = time.monotonic()
     result = fuzz(address, args.frames, args.seed, progress=True)
     wall = time.monotonic() - t0
+    big = big_frames(address, proc.pid if proc else None)
     out = {"frames_per_category": args.frames, "categories": result, "wall_s": round(wall, 1),
            "frames_sent": sum(r["sent"] for r in result.values()),
            "replies_lost": sum(r["lost"] for r in result.values()),
-           "client_failures": sum(r["client_failures"] for r in result.values())}
+           "client_failures": sum(r["client_failures"] for r in result.values()), "big_frames": big}
     if proc is not None:
         out["server_alive"] = proc.poll() is None
         out["crashes"] = 0 if out["server_alive"] else 1
