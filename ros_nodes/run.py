@@ -72,6 +72,7 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
         pids["server"] = node._local.process.pid
     memory = {"start": {k: rss_mb(p) for k, p in pids.items()}}
     t_stop = time.monotonic() + duration_s if duration_s else float("inf")
+    sims = {}  # task -> its sim robot node, kept across a soak's rounds
     try:
         spec = node.policy.spec
         rounds = itertools.count() if duration_s else range(1)
@@ -80,9 +81,13 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
                 break
             if round_ == 1 and "first_round" not in memory:
                 memory["first_round"] = {k: rss_mb(p) for k, p in pids.items()}
-            sim = SimRobotNode(task, seed=seed + round_ * episodes, episodes=episodes, image_size=spec["image_size"],
-                               cameras=spec["cameras"], command_type=node.command_type,
-                               joint_names=node.joint_names)
+            if task in sims:  # a soak's next round: the same sim robot, new seeds
+                sim = sims[task]
+                sim.begin(seed + round_ * episodes, episodes)
+            else:
+                sim = sims[task] = SimRobotNode(task, seed=seed, episodes=episodes, image_size=spec["image_size"],
+                                                cameras=spec["cameras"], command_type=node.command_type,
+                                                joint_names=node.joint_names)
             executor = SingleThreadedExecutor()
             executor.add_node(node)
             executor.add_node(sim)
@@ -96,11 +101,12 @@ def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict
             statuses.append(node.status())
             executor.remove_node(sim)
             executor.shutdown()
-            sim.destroy_node()
         if node._local is not None:
             pids["server"] = node._local.process.pid  # restarted, perhaps
         memory["end"] = {k: rss_mb(p) for k, p in pids.items()}
     finally:
+        for sim in sims.values():
+            sim.destroy_node()
         node.destroy_node()
         rclpy.shutdown()
     wall = time.perf_counter() - wall0

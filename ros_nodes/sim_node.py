@@ -38,8 +38,6 @@ class SimRobotNode(Node):
 
         self.env = make_env(task, image_size=image_size, cameras=tuple(cameras))
         self.cameras, self.joint_names = list(cameras), list(joint_names)
-        self.seed, self.episodes_left = seed, episodes
-        self.results: list[dict] = []
         self.command: np.ndarray | None = None
         self.rejected = 0
         self.image_pubs = {c: self.create_publisher(Image, f"{image_topic_prefix}/{c}/image_raw", qos_profile_sensor_data)
@@ -55,9 +53,15 @@ class SimRobotNode(Node):
         self.policy_reset.wait_for_service(timeout_sec=2.0)  # discovery; no policy node: no reset calls
         self._resetting = None  # the policy node's answer to `~/reset`, while it is awaited
         self._accept_after = None  # commands stamped before this (ROS time) belong to the last episode
+        self.begin(seed, episodes)
+        self.timer = self.create_timer(1.0 / CONTROL_HZ, self._tick)
+
+    def begin(self, seed: int, episodes: int) -> None:
+        """Run `episodes` more episodes from `seed` (the same node and env, as a robot driver stays up)."""
+        self.seed, self.episodes_left = seed, episodes
+        self.results: list[dict] = []
         self.done = False
         self._start_episode()
-        self.timer = self.create_timer(1.0 / CONTROL_HZ, self._tick)
 
     def _start_episode(self) -> None:
         self.obs, _ = self.env.reset(seed=self.seed)

@@ -233,9 +233,12 @@ def big_frames(address: str, pid: int | None, n: int = 24, size: int = 16 * 1024
 
 
 def rss_mb(pid: int) -> float:
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
+    try:
+        for line in open(f"/proc/{pid}/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # the process has gone
+        pass
     return float("nan")
 
 
@@ -269,7 +272,7 @@ def main() -> int:
     t0 = time.monotonic()
     result = fuzz(address, args.frames, args.seed, progress=True)
     wall = time.monotonic() - t0
-    big = big_frames(address, proc.pid if proc else None)
+    big = big_frames(address, proc.pid if proc else None) if proc is None or proc.poll() is None else {}
     out = {"frames_per_category": args.frames, "categories": result, "wall_s": round(wall, 1),
            "frames_sent": sum(r["sent"] for r in result.values()),
            "replies_lost": sum(r["lost"] for r in result.values()),
