@@ -1,7 +1,7 @@
 """The policy node's inference server: `vla serve` in a child process on a private ipc address.
 
 The model runs outside the node's process, so its many small torch calls never hold the node's
-GIL against the control timer. The child is started with the thread settings of `thread_env`;
+GIL against the control timer. The child is started with the thread count of `thread_env`;
 `start()` waits for its hello (the server warms its engine before it answers); when it dies or
 stops answering, the node calls `restart()`, which waits its backoff first.
 """
@@ -19,13 +19,13 @@ from vla.ros_nodes.server import PolicyClient
 
 
 def thread_env(threads: int) -> dict:
-    """Environment for a torch process that shares the CPU: `threads` intra-op threads, and OpenMP
-    workers that sleep instead of spin-waiting when idle (a spinning process beside another one on
-    the same cores slowed both by 10x here; BENCHMARKS.md has the figures). 0: torch's defaults."""
+    """Environment for the server process: `threads` torch (OpenMP) threads; 0 keeps torch's
+    defaults (one per core). One thread leaves the other core to the node, the sim or a training
+    job: beside a competing load, inference p99 fell from 560 to 43 ms here, and a training job
+    beside a busy server kept 39 instead of 26 samples/s (BENCHMARKS.md, scripts/cpu_contention.py)."""
     env = dict(os.environ)
-    if threads <= 0:
-        return env
-    env.update({"OMP_NUM_THREADS": str(threads), "OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"})
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
