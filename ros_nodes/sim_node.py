@@ -24,7 +24,7 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS
+from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS, stamp_s
 
 
 class SimRobotNode(Node):
@@ -51,7 +51,7 @@ class SimRobotNode(Node):
             self.create_subscription(Float64MultiArray, command_topic, self._on_array, COMMAND_QOS)
         self.policy_reset = self.create_client(Trigger, policy_reset_service)
         self.policy_reset.wait_for_service(timeout_sec=2.0)  # discovery; no policy node: no reset calls
-        self._resetting = None  # the policy node's answer to `~/reset`, while it is awaited
+        self._resetting = None  # (the policy node's answer to `~/reset`, when it was asked), while awaited
         self._accept_after = None  # commands stamped before this (ROS time) belong to the last episode
         self.begin(seed, episodes)
         self.timer = self.create_timer(1.0 / CONTROL_HZ, self._tick)
@@ -67,7 +67,7 @@ class SimRobotNode(Node):
         self.obs, _ = self.env.reset(seed=self.seed)
         self.command = None
         if self.policy_reset.service_is_ready():
-            self._resetting = self.policy_reset.call_async(Trigger.Request())
+            self._resetting = (self.policy_reset.call_async(Trigger.Request()), self.get_clock().now())
         self.instruction_pub.publish(String(data=self.env.instruction))
         self._publish(self.obs)
 
@@ -85,7 +85,7 @@ class SimRobotNode(Node):
         if not msg.points or list(msg.joint_names) != self.joint_names:
             self.rejected += 1
             return
-        self._set_command(msg.points[0].positions, msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
+        self._set_command(msg.points[0].positions, stamp_s(msg))
 
     def _on_array(self, msg: Float64MultiArray) -> None:
         self._set_command(msg.data)
@@ -106,7 +106,8 @@ class SimRobotNode(Node):
         if self.done:
             return
         if self._resetting is not None:  # the policy node has not taken the new pose yet: wait, keep sensing
-            if not self._resetting.done():
+            answer, asked = self._resetting
+            if not answer.done() and (self.get_clock().now() - asked).nanoseconds < 2e9:  # gone: go on after 2 s
                 return self._publish(self.obs)
             self._resetting = None
             self._accept_after = self.get_clock().now().nanoseconds * 1e-9

@@ -30,6 +30,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from vla.ros_nodes.run import rss_mb
 from vla.ros_nodes.server import PROTOCOL_VERSION, PolicyClient, encode
 
 CATEGORIES = ["bytes", "mutated", "msgpack", "protocol", "multipart", "tcp"]
@@ -214,6 +215,8 @@ def big_frames(address: str, pid: int | None, n: int = 24, size: int = 16 * 1024
     out["task_16mib_error"] = reply.get("error", "")[:80]
     before = rss_mb(pid) if pid else None
     peak = before
+    if peak is None:  # no process to read (a server started elsewhere)
+        pid = None
     pad = encode({"v": PROTOCOL_VERSION, "cmd": "hello", "pad": b"\0" * (size - 64)})
     for _ in range(n):
         sock.send_multipart([b"", pad], copy=False)
@@ -225,21 +228,11 @@ def big_frames(address: str, pid: int | None, n: int = 24, size: int = 16 * 1024
         except zmq.Again:
             break
         if pid:
-            peak = max(peak, rss_mb(pid))
+            peak = max(peak, rss_mb(pid) or peak)
     sock.close(0)
     out.update(pipelined_frames=n, pipelined_answered=answered,
                server_rss_mb_before=before and round(before, 1), server_rss_mb_peak=peak and round(peak, 1))
     return out
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in open(f"/proc/{pid}/status"):
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # the process has gone
-        pass
-    return float("nan")
 
 
 def main() -> int:
@@ -280,7 +273,7 @@ def main() -> int:
     if proc is not None:
         out["server_alive"] = proc.poll() is None
         out["crashes"] = 0 if out["server_alive"] else 1
-        out["server_rss_mb_start"], out["server_rss_mb_end"] = round(rss0, 1), round(rss_mb(proc.pid), 1)
+        out["server_rss_mb_start"], out["server_rss_mb_end"] = rss0, rss_mb(proc.pid)
         proc.terminate()
         proc.wait(10)
     print(json.dumps(out, indent=2))
