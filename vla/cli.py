@@ -217,7 +217,7 @@ def cmd_serve(args) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    clients = f"{len(allowed)} authorized client keys" if allowed else "any client"
+    clients = f"the {len(allowed)} clients of {args.curve_authorized_keys}" if allowed else "any client"
     print(f"serving {path} on {server.address} to {clients} (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
