@@ -204,6 +204,26 @@ def test_artifact_layout_and_save_load_same_actions(trained, tiny_dataset):
     assert torch.equal(weights[key], state[f"ema.{key}"]) and not torch.equal(weights[key], state[f"model.{key}"])
 
 
+def test_an_artifacts_recipe_is_the_resolved_one_and_reruns_unchanged(trained, tiny_dataset):
+    """recipe.yaml once stored the source YAML plus an `overrides:` list that `vla train` refused."""
+    out, final = trained
+    model_cfg, cfg = load_recipe(final / "recipe.yaml")
+    assert model_cfg == tiny_cfg() and cfg == train_cfg(tiny_dataset, out, steps=6, save_every=3)
+
+
+@pytest.mark.parametrize("name", ["nano_l1", "nano_diffusion"])
+def test_shipped_artifacts_recipes_match_their_models(name):
+    """The shipped L1 policy's recipe.yaml once said head.type: diffusion (the overrides came after)."""
+    from vla.cli import shipped_policy
+
+    path = shipped_policy(name)
+    model_cfg, cfg = load_recipe(path / "recipe.yaml")
+    stored = json.loads((path / "config.json").read_text())
+    stored.pop("format_version")
+    assert model_cfg == VLAConfig.from_dict(stored) and cfg.steps > 0
+    assert (path / "recipe.yaml").read_text().startswith("# ")  # how it was made, as a comment
+
+
 def _obs(size=SIZE, **over):
     rng = np.random.default_rng(0)
     obs = {"observation.images.front": rng.integers(0, 255, (size, size, 3), dtype=np.uint8),
@@ -300,7 +320,7 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
     for k, v in straight.ema.items():
         assert torch.allclose(v, resumed.ema[k], atol=1e-6), k
     assert resumed.opt.state_dict()["state"][0]["step"] == straight.opt.state_dict()["state"][0]["step"]
-    with pytest.raises(RuntimeError, match="--resume"):
+    with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=6), progress=False)
 
 

@@ -6,7 +6,7 @@
     model.safetensors     weights (the EMA weights when trained with EMA)
     stats.json            normalization: state mean/std, action min/max (+ keypoint mean/std)
     spec.json             what the policy consumes and produces (cameras, image size, dims, fps)
-    recipe.yaml           the training recipe that made it (when trained here)
+    recipe.yaml           the resolved training recipe that made it (`vla train` re-runs it unchanged)
 Nothing in it is pickled.
 """
 
@@ -73,8 +73,9 @@ def normalizer_with_dataset_keypoints(artifact: str | Path, dataset: str | Path)
 
 
 def save_artifact(path: str | Path, model, spec: dict, stats: dict, recipe: dict | None = None,
-                  state_dict: dict | None = None, extra=None) -> Path:
+                  state_dict: dict | None = None, extra=None, recipe_note: str = "") -> Path:
     """Writes the artifact to a temporary sibling and renames it into place (atomic on one disk).
+    recipe: the resolved {model, train} recipe (`vla train` re-runs it), recipe_note a comment above it.
     `extra(tmp_dir)` may add files (a checkpoint's training state) before the rename."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -90,7 +91,8 @@ def save_artifact(path: str | Path, model, spec: dict, stats: dict, recipe: dict
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
     (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
     if recipe is not None:
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+        note = "".join(f"# {line}\n" for line in recipe_note.splitlines())
+        (tmp / "recipe.yaml").write_text(note + yaml.safe_dump(recipe, sort_keys=False))
     if extra is not None:
         extra(tmp)
     if path.exists():

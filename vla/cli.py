@@ -109,9 +109,14 @@ def cmd_bench_sim(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from vla.dataset import DatasetError
     from vla.train import main as train_main
 
-    return train_main([args.recipe, *args.overrides] + (["--resume"] if args.resume else []))
+    try:
+        return train_main([args.recipe, *args.overrides] + (["--resume"] if args.resume else []))
+    except (DatasetError, ValueError, OSError) as e:  # a bad recipe, dataset, init artifact or output_dir
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 FAST_PRESETS = {"off": None, "on": {}, "reuse": {"reuse": True}, "prune": {"prune_keep": 8}}

@@ -103,7 +103,6 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     seed: int = 0
-    num_workers: int = 0
     log_every: int = 50
     save_every: int = 1000
     keep_last: int = 3

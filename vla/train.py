@@ -138,7 +138,9 @@ def find_checkpoints(output_dir: Path) -> list[Path]:
 
 
 class Trainer:
-    def __init__(self, model_cfg: VLAConfig, cfg: TrainConfig, recipe: dict | None = None, progress: bool = True):
+    def __init__(self, model_cfg: VLAConfig, cfg: TrainConfig, source: str = "", progress: bool = True):
+        """source: how the run was asked for (the command line), kept as a comment above the resolved
+        recipe each artifact stores (which `vla train` re-runs unchanged)."""
         self.model_cfg, self.cfg, self.progress = model_cfg, cfg, progress
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
@@ -149,7 +151,8 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.output_dir)
-        self.recipe = recipe or {"model": model_cfg.to_dict(), "train": asdict(cfg)}
+        self.recipe = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
+        self.recipe_source = source
 
         self.ds = LeRobotDataset(cfg.dataset, horizon=model_cfg.horizon, cameras=list(model_cfg.cameras))
         shape = self.ds.images[self.ds.video_keys[0]].shape[1:3]
@@ -301,7 +304,8 @@ class Trainer:
                 "keypoint_data": self.kp_batches.state() if self.kp_ds is not None else None,
                 "scheduler": self.sched.state_dict(), "world_size": self.world}))
 
-        save_artifact(path, self.model, self.spec, self.stats, self.recipe, state_dict=self.ema, extra=extra)
+        save_artifact(path, self.model, self.spec, self.stats, self.recipe, state_dict=self.ema, extra=extra,
+                      recipe_note=self.recipe_source)
         for old in find_checkpoints(self.out)[:-self.cfg.keep_last]:
             shutil.rmtree(old)
         return path
@@ -362,7 +366,8 @@ class Trainer:
         final = self.out / "final"
         if main:
             log.close()
-            save_artifact(final, self.model, self.spec, self.stats, self.recipe, state_dict=self.ema)
+            save_artifact(final, self.model, self.spec, self.stats, self.recipe, state_dict=self.ema,
+                          recipe_note=self.recipe_source)
         return final
 
     def _eval(self) -> str:
@@ -381,13 +386,13 @@ class Trainer:
         return m.eval()
 
 
-def train(model_cfg: VLAConfig, cfg: TrainConfig, resume: bool = False, recipe: dict | None = None,
+def train(model_cfg: VLAConfig, cfg: TrainConfig, resume: bool = False, source: str = "",
           progress: bool = True) -> Path:
-    trainer = Trainer(model_cfg, cfg, recipe, progress)
+    trainer = Trainer(model_cfg, cfg, source, progress)
     if resume:
         trainer.resume()
     elif find_checkpoints(trainer.out):
-        raise RuntimeError(f"{trainer.out} already holds checkpoints: pass --resume to continue, "
+        raise FileExistsError(f"{trainer.out} already holds checkpoints: pass --resume to continue, "
                            "or choose another output_dir")
     return trainer.run()
 
@@ -403,11 +408,8 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true")
     args = p.parse_args(argv)
     model_cfg, cfg = load_recipe(args.recipe, args.overrides)
-    import yaml
-
-    recipe = yaml.safe_load(Path(args.recipe).read_text()) or {}
-    recipe["overrides"] = list(args.overrides)
-    final = train(model_cfg, cfg, resume=args.resume, recipe=recipe)
+    source = " ".join(["vla train", args.recipe, *args.overrides])
+    final = train(model_cfg, cfg, resume=args.resume, source=source)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"artifact: {final}")
     if dist.is_initialized():
