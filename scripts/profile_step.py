@@ -1,5 +1,5 @@
 """Per-stage median ms of the compiled fast step on a real rollout, under inductor variants, and
-optionally torch.profiler's operator table: where the step's time goes (BENCHMARKS.md, session 6).
+optionally torch.profiler's operator table: where the step's time goes (docs/benchmarks-log.md, session 6).
 
     .venv/bin/python scripts/profile_step.py [--policy DIR] [--threads N] [--eager]
         [--freeze] [--cpp-wrapper] [--gemm-template] [--skip-guards] [--profile]

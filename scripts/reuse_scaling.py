@@ -2,7 +2,7 @@
 (random weights) at larger camera/vision image sizes, compiled, 2 threads. Per size: the backbone
 step (`FastVLA.encode`) with every token recomputed, with the front camera partial beside a full
 wrist camera (the common reuse step on a robot), with both cameras partial, and the backbone's
-matmul floor (vla.bench.matmul_floor) as a fraction of the measured peak (BENCHMARKS.md, session 11).
+matmul floor (vla.bench.matmul_floor) as a fraction of the measured peak (docs/benchmarks-log.md, session 11).
 
     .venv/bin/python scripts/reuse_scaling.py [SIZE ...]     # default: 64 96 128
     .venv/bin/python scripts/reuse_scaling.py --changes       # tokens changed between frames

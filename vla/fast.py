@@ -195,7 +195,7 @@ class FastVLA:
         self.encode, self.denoise = self._encode, self._denoise
         if cfg.compile:
             # on the CPU the step is hundreds of small kernels: calling them from inductor's C++
-            # wrapper instead of its Python one takes 7.3 -> 6.0 ms off the shipped step (BENCHMARKS)
+            # wrapper instead of its Python one takes 7.3 -> 6.0 ms off the shipped step (docs/benchmarks-log.md, session 9)
             options = {"cpp_wrapper": True} if self.device.type == "cpu" else None
             self.encode = torch.compile(self._encode, dynamic=False, options=options)
             self.denoise = torch.compile(self._denoise, dynamic=False, options=options)
