@@ -71,11 +71,6 @@ def record_rollout(policy, task: str, steps: int, seed: int) -> list[dict]:
     return frames
 
 
-def _inputs(policy, obs):
-    images, state = policy.prepare(obs)
-    return images[0], state[0]
-
-
 def _plain_step(model, images, ids, mask, state, noise, cache_prefix: bool, timings: dict):
     """The model's own path. Its preprocessing (normalize, resize) happens inside encode, so it
     counts in the backbone here."""
@@ -202,7 +197,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     frames = record_rollout(policy, task, steps + warmup, seed)
     g = torch.Generator().manual_seed(0)
     noises = [torch.randn(1, policy.horizon, policy.spec["action_dim"], generator=g).to(device) for _ in frames]
-    inputs = [tuple(t.to(device) for t in _inputs(policy, o)) for o in frames]
+    inputs = [tuple(t[0].to(device) for t in policy.prepare(o)) for o in frames]
     model.to(device)
     if model.cfg.head.type == "diffusion":
         model.infer_scheduler.set_timesteps(model.cfg.head.inference_steps, device=device)
