@@ -15,7 +15,7 @@ import tempfile
 import time
 import uuid
 
-from vla.ros_nodes.server import PolicyClient
+from vla.serving import PolicyClient
 
 
 def thread_env(threads: int) -> dict:

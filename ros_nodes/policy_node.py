@@ -49,7 +49,7 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from vla.ros_nodes.control import ChunkError, ChunkPlayer, SafetyFilter, check_chunk
 from vla.ros_nodes.inference import LocalInferenceServer
-from vla.ros_nodes.server import PolicyClient, ServerError
+from vla.serving import PolicyClient, ServerError
 
 # The sim arm's limits (sim/assets/tabletop.xml) and the gripper's 0..1 command: defaults only;
 # a real arm sets its own in the YAML.

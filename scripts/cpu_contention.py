@@ -79,7 +79,7 @@ def cmd_run(args) -> dict:
 
 HAMMER = """
 import sys, time, numpy as np
-from vla.ros_nodes.server import PolicyClient
+from vla.serving import PolicyClient
 c = PolicyClient(sys.argv[1], timeout_ms=30000)
 s = c.spec
 rng = np.random.default_rng(0)

@@ -31,7 +31,8 @@ import numpy as np
 import zmq
 
 from vla.ros_nodes.run import rss_mb
-from vla.ros_nodes.server import PROTOCOL_VERSION, PolicyClient, encode
+from vla.serving import PolicyClient
+from vla.serving.protocol import PROTOCOL_VERSION, encode
 
 CATEGORIES = ["bytes", "mutated", "msgpack", "protocol", "multipart", "tcp"]
 

@@ -10,7 +10,7 @@ import pytest
 
 from vla.cli import shipped_policy
 from vla.policies import Policy
-from vla.ros_nodes.server import PolicyServer
+from vla.serving import PolicyServer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_server.py"
 

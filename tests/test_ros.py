@@ -205,7 +205,7 @@ def test_a_killed_inference_server_is_reported_and_restarted(graph):
 
 def test_a_remote_server_that_goes_away_is_reconnected(graph):
     from vla.policies import Policy
-    from vla.ros_nodes.server import PolicyServer
+    from vla.serving import PolicyServer
 
     node, robot = graph
     policy = Policy.from_pretrained(shipped_policy())

@@ -13,8 +13,8 @@ import zmq
 
 from vla.cli import shipped_policy
 from vla.policies import Policy
-from vla.ros_nodes.server import (PROTOCOL_VERSION, PolicyClient, PolicyServer, ServerError, encode,
-                                  load_authorized_keys, pack_array)
+from vla.serving import PolicyClient, PolicyServer, ServerError, load_authorized_keys
+from vla.serving.protocol import PROTOCOL_VERSION, encode, pack_array
 
 
 def start(srv):

@@ -203,7 +203,7 @@ def cmd_serve(args) -> int:
     import torch
 
     from vla.policies import Policy
-    from vla.ros_nodes.server import PolicyServer, load_authorized_keys, parse_bind
+    from vla.serving import PolicyServer, load_authorized_keys, parse_bind
 
     try:
         parse_bind(args.bind)

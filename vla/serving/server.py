@@ -1,18 +1,11 @@
-"""The zmq policy server and its client: request/reply, msgpack maps, arrays as dtype + shape + bytes.
+"""The zmq policy server (`vla serve`): one Policy behind a ROUTER socket.
 
-Requests (maps with "v": PROTOCOL_VERSION and "cmd"):
-  {"cmd": "hello"}                      -> {"ok": true, "spec": policy.spec}
-  {"cmd": "reset", "seed": int?}        -> {"ok": true}
-  {"cmd": "act" | "act_chunk", "obs": {key: array | str}} -> {"ok": true, "action": array, "infer_ms": float}
-Every failure is a reply {"ok": false, "error": "..."}; the server keeps serving. Nothing is ever
-unpickled: only msgpack maps, with arrays rebuilt from an allow-listed dtype, shape and raw bytes.
-
-The server is a ROUTER socket: it reads each message whole (every part), answers a malformed one
-with an error reply on the same route, and never sends in a state where sending can fail, so no
-peer (a REQ or DEALER client, a ZMTP 1.0 peer, raw TCP garbage) can stop it or take another
-client's reply. Each connection (its zmq routing identity) has its own session: its own action
-queue, ensembling history and noise generator; the real-time engine's caches are reset whenever
-another session uses it. Sessions are bounded in number and expire when idle.
+It reads each message whole (every part), answers a malformed one with an error reply on the same
+route, and never sends in a state where sending can fail, so no peer (a REQ or DEALER client, a
+ZMTP 1.0 peer, raw TCP garbage) can stop it or take another client's reply. Each connection (its
+zmq routing identity) has its own session: its own action queue, ensembling history and noise
+generator; the real-time engine's caches are reset whenever another session uses it. Sessions are
+bounded in number and expire when idle.
 
 Loopback by default; binding any other address requires CURVE keys (the server is authenticated
 and traffic encrypted). With `authorized_keys`, only clients whose CURVE public key is listed
@@ -22,109 +15,23 @@ are served (ZAP); without it, any client that knows the server's public key is.
 from __future__ import annotations
 
 import ipaddress
-import math
 import re
 import sys
-import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
-from vla.errors import ObservationError, brief
+from vla.errors import ObservationError
+from vla.serving.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolError, check_request, decode, encode
 
-PROTOCOL_VERSION = 1
-MAX_FRAME_BYTES = 16 * 1024 * 1024
 MAX_PARTS = 8  # parts of one message kept; the rest are read and dropped
 MAX_ERROR_CHARS = 400  # an error reply never echoes more of what a client sent
 PEER_HWM = 4  # messages queued per peer (zmq high-water marks): bounds memory per connection
-DTYPES = {"uint8", "int32", "int64", "float32", "float64", "bool"}
-COMMANDS = {"hello", "reset", "act", "act_chunk"}
 Z85_KEY = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
-
-
-class ProtocolError(ValueError):
-    """A frame that does not follow the protocol."""
-
-
-def pack_array(a: np.ndarray) -> dict:
-    a = np.ascontiguousarray(a)
-    return {"__nd__": True, "dtype": str(a.dtype), "shape": list(a.shape), "data": a.tobytes()}
-
-
-def unpack_array(d: dict) -> np.ndarray:
-    if set(d) != {"__nd__", "dtype", "shape", "data"}:
-        raise ProtocolError(f"array map needs exactly dtype, shape, data; got {brief(sorted(map(str, d)))}")
-    if not isinstance(d["dtype"], str) or d["dtype"] not in DTYPES:
-        raise ProtocolError(f"array dtype {brief(d['dtype'])} is not one of {sorted(DTYPES)}")
-    shape = d["shape"]
-    if (not isinstance(shape, list) or len(shape) > 4
-            or not all(type(s) is int and s >= 0 for s in shape)):
-        raise ProtocolError(f"array shape must be a list of at most 4 non-negative ints, got {brief(shape)}")
-    data = d["data"]
-    expected = math.prod(shape) * np.dtype(d["dtype"]).itemsize  # Python ints: no overflow
-    if not isinstance(data, bytes) or len(data) != expected:
-        raise ProtocolError(f"array of {d['dtype']} {brief(shape)} needs {expected} bytes, got "
-                            f"{len(data) if isinstance(data, bytes) else type(data).__name__}")
-    return np.frombuffer(data, dtype=d["dtype"]).reshape(shape).copy()  # writable, owns its memory
-
-
-def encode(msg: dict) -> bytes:
-    def default(o):
-        if isinstance(o, np.ndarray):
-            return pack_array(o)
-        if isinstance(o, np.generic):
-            return o.item()
-        raise TypeError(f"cannot send {type(o).__name__}")
-
-    return msgpack.packb(msg, default=default, use_bin_type=True)
-
-
-def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict:
-    if len(frame) > max_bytes:
-        raise ProtocolError(f"frame of {len(frame)} bytes exceeds the limit of {max_bytes}")
-    try:  # the limits refuse a long string or list before it is built (a task is at most 1000 chars)
-        msg = msgpack.unpackb(frame, raw=False, strict_map_key=True, max_str_len=16384, max_array_len=4096,
-                              max_map_len=64, max_ext_len=0, max_bin_len=max_bytes,
-                              object_hook=lambda d: unpack_array(d) if "__nd__" in d else d)
-    except ProtocolError:
-        raise
-    except Exception as e:
-        raise ProtocolError(f"not a msgpack map: {type(e).__name__}: {e}") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError(f"a frame must be a msgpack map, got {type(msg).__name__}")
-    return msg
-
-
-def _check_request(msg: dict, spec: dict) -> None:
-    v = msg.get("v")
-    if type(v) is not int or v != PROTOCOL_VERSION:  # not 1.0, not True
-        raise ProtocolError(f"protocol version {brief(v)} is not supported (server speaks {PROTOCOL_VERSION})")
-    cmd = msg.get("cmd")
-    if not isinstance(cmd, str) or cmd not in COMMANDS:
-        raise ProtocolError(f"unknown cmd {brief(cmd)}; known: {sorted(COMMANDS)}")
-    unknown = set(msg) - {"v", "cmd", "obs", "seed"}
-    if unknown:
-        raise ProtocolError(f"unknown keys {brief(sorted(map(str, unknown)))}")
-    seed = msg.get("seed")
-    if seed is not None and (type(seed) is not int or not 0 <= seed < 2 ** 63):
-        raise ProtocolError(f"seed must be an int in [0, 2**63) or absent, got {brief(seed)}")
-    if cmd in ("act", "act_chunk"):
-        obs = msg.get("obs")
-        if not isinstance(obs, dict):
-            raise ProtocolError("act needs an 'obs' map")
-        allowed = {f"observation.images.{c}" for c in spec["cameras"]} | {"observation.state", "task"}
-        extra = set(obs) - allowed
-        if extra:
-            raise ProtocolError(f"unknown observation keys {brief(sorted(map(str, extra)))}; expected {sorted(allowed)}")
-        for key, value in obs.items():
-            if key == "task" and not isinstance(value, str):
-                raise ProtocolError(f"task must be a string, got {type(value).__name__}")
-            if key.startswith("observation.images.") and not isinstance(value, np.ndarray):
-                raise ProtocolError(f"{key} must be an array map, got {type(value).__name__}")
 
 
 def parse_bind(bind: str) -> tuple[str, bool, bool]:
@@ -194,8 +101,6 @@ class PolicyServer:
         self.ctx = zmq.Context()  # its own: a ZAP handler applies to every socket of a context
         self.auth = None
         if authorized_keys is not None:
-            from zmq.auth.thread import ThreadAuthenticator
-
             self.allow = _AllowList(set(authorized_keys))
             self.auth = ThreadAuthenticator(self.ctx)
             self.auth.start()
@@ -248,7 +153,7 @@ class PolicyServer:
         """One request frame -> its reply map (never raises)."""
         try:
             msg = decode(frame, self.max_bytes)
-            _check_request(msg, self.policy.spec)
+            check_request(msg, self.policy.spec)
             cmd = msg["cmd"]
             if cmd == "hello":
                 return {"ok": True, "v": PROTOCOL_VERSION, "spec": self.policy.spec}
@@ -327,66 +232,3 @@ class PolicyServer:
         if self.auth is not None:
             self.auth.stop()
         self.ctx.term()
-
-
-class ServerError(RuntimeError):
-    """The server answered with an error."""
-
-
-class PolicyClient:
-    """The Policy interface over the wire: reset / act / act_chunk / spec.
-
-    curve_server_key: the server's Z85 public key (a server off loopback needs it);
-    curve_secret_key: this client's Z85 secret key, for a server with an allow-list (default: a
-    fresh key pair, which such a server refuses)."""
-
-    def __init__(self, address: str = "tcp://127.0.0.1:5555", timeout_ms: int = 5000,
-                 curve_server_key: bytes | None = None, curve_secret_key: bytes | None = None):
-        self.ctx = zmq.Context.instance()
-        self.address, self.timeout_ms = address, timeout_ms
-        self.curve_server_key, self.curve_secret_key = curve_server_key, curve_secret_key
-        self._lock = threading.Lock()  # a zmq socket is not thread-safe: one request at a time
-        self._connect()
-        reply = self._call({"cmd": "hello"})
-        self.spec = reply["spec"]
-
-    def _connect(self):
-        self.sock = self.ctx.socket(zmq.REQ)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.RCVTIMEO, self.timeout_ms)
-        self.sock.setsockopt(zmq.SNDTIMEO, self.timeout_ms)
-        self.sock.setsockopt(zmq.IPV6, 1)
-        if self.curve_server_key is not None:
-            sec = self.curve_secret_key
-            pub, sec = (zmq.curve_public(sec), sec) if sec is not None else zmq.curve_keypair()
-            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = (
-                self.curve_server_key, pub, sec)
-        self.sock.connect(self.address)
-
-    def _call(self, msg: dict) -> dict:
-        with self._lock:
-            return self._call_locked({"v": PROTOCOL_VERSION, **msg})
-
-    def _call_locked(self, msg: dict) -> dict:
-        try:
-            self.sock.send(encode(msg))
-            reply = decode(self.sock.recv())
-        except zmq.Again:
-            self.sock.close(0)
-            self._connect()  # a REQ socket that missed its reply cannot send again
-            raise TimeoutError(f"no reply from {self.address} within {self.timeout_ms} ms") from None
-        if not reply.get("ok"):
-            raise ServerError(reply.get("error", "unknown error"))
-        return reply
-
-    def reset(self, seed: int | None = None) -> None:
-        self._call({"cmd": "reset", "seed": seed})
-
-    def act(self, obs: dict) -> np.ndarray:
-        return self._call({"cmd": "act", "obs": obs})["action"]
-
-    def act_chunk(self, obs: dict) -> np.ndarray:
-        return self._call({"cmd": "act_chunk", "obs": obs})["action"]
-
-    def close(self) -> None:
-        self.sock.close(0)
