@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from vla.kernels.dispatch import LazyKernel, use_triton
+
 
 def update_cache(cache: torch.Tensor, index: torch.Tensor, new: torch.Tensor) -> None:
     """cache (B, H, P, d)[b, :, index[b, i]] = new[b, :, i], in place. index (B, n) long."""
@@ -29,15 +31,13 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      scale: float, force: str | None = None) -> torch.Tensor:
     """q (B, Hq, n, d) over k, v (B, Hkv, P, d); mask (B, 1, n, P) bool, True = may attend (every
     query row must allow at least one key). Returns (B, Hq, n, d)."""
-    from vla.kernels import use_triton
-
     if not use_triton(q, force):
         return cached_attention_ref(q, k, v, mask, scale)
     return _cached_attention_triton(q, k, v, mask, scale)
 
 
 def _cached_attention_triton(q, k, v, mask, scale):
-    import triton
+    import triton  # optional: only where a kernel is launched (CUDA, or TRITON_INTERPRET=1)
 
     b, hq, n, d = q.shape
     hkv, p = k.shape[1], k.shape[2]
@@ -55,8 +55,8 @@ def _cached_attention_triton(q, k, v, mask, scale):
 
 
 def _define_kernel():
-    import triton
-    import triton.language as tl
+    import triton  # optional: only where a kernel is launched (CUDA, or TRITON_INTERPRET=1)
+    import triton.language as tl  # optional, as above
 
     @triton.jit
     def kernel(q_ptr, k_ptr, v_ptr, o_ptr, m_ptr, scale, HQ, HKV, N, P, D,
@@ -88,16 +88,4 @@ def _define_kernel():
     return kernel
 
 
-class _Lazy:
-    """Defines the Triton kernel on first use, so importing this module never imports triton."""
-
-    def __init__(self, define):
-        self.define, self.kernel = define, None
-
-    def __getitem__(self, grid):
-        if self.kernel is None:
-            self.kernel = self.define()
-        return self.kernel[grid]
-
-
-_attn_kernel = _Lazy(_define_kernel)
+_attn_kernel = LazyKernel(_define_kernel)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vla.kernels.attention import _Lazy
+from vla.kernels.dispatch import LazyKernel, use_triton
 
 
 def denoise_update_ref(h, ln_w, ln_b, w, b, x, coef):
@@ -27,11 +27,9 @@ def denoise_update_ref(h, ln_w, ln_b, w, b, x, coef):
 def denoise_update(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w: torch.Tensor, b: torch.Tensor,
                    x: torch.Tensor, coef: torch.Tensor, force: str | None = None) -> torch.Tensor:
     """h (B, H, D) head features, x (B, H, A) current sample, w (A, D), coef (7,) float32 tensor."""
-    from vla.kernels import use_triton
-
     if not use_triton(h, force):
         return denoise_update_ref(h, ln_w, ln_b, w, b, x, coef)
-    import triton
+    import triton  # optional: only where a kernel is launched (CUDA, or TRITON_INTERPRET=1)
 
     bsz, hor, d = h.shape
     a = w.shape[0]
@@ -43,8 +41,8 @@ def denoise_update(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w: t
 
 
 def _define_kernel():
-    import triton
-    import triton.language as tl
+    import triton  # optional: only where a kernel is launched (CUDA, or TRITON_INTERPRET=1)
+    import triton.language as tl  # optional, as above
 
     @triton.jit
     def kernel(h_ptr, lnw_ptr, lnb_ptr, w_ptr, b_ptr, x_ptr, c_ptr, o_ptr, D, A,
@@ -69,4 +67,4 @@ def _define_kernel():
     return kernel
 
 
-_denoise_kernel = _Lazy(_define_kernel)
+_denoise_kernel = LazyKernel(_define_kernel)

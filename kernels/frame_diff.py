@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vla.kernels.attention import _Lazy
+from vla.kernels.dispatch import LazyKernel, use_triton
 
 
 def region_change_ref(cur: torch.Tensor, prev: torch.Tensor, region: int) -> torch.Tensor:
@@ -21,14 +21,12 @@ def region_change_ref(cur: torch.Tensor, prev: torch.Tensor, region: int) -> tor
 
 def region_change(cur: torch.Tensor, prev: torch.Tensor, region: int, force: str | None = None) -> torch.Tensor:
     """(N, C, S, S) x2 -> (N, (S // region) ** 2) mean absolute difference per token region."""
-    from vla.kernels import use_triton
-
     if cur.shape != prev.shape or cur.shape[-1] % region or cur.shape[-2] != cur.shape[-1]:
         raise ValueError(f"region_change needs equal square images divisible by {region}, got "
                          f"{tuple(cur.shape)} and {tuple(prev.shape)}")
     if not use_triton(cur, force):
         return region_change_ref(cur, prev, region)
-    import triton
+    import triton  # optional: only where a kernel is launched (CUDA, or TRITON_INTERPRET=1)
 
     n, c, s, _ = cur.shape
     side = s // region
@@ -40,8 +38,8 @@ def region_change(cur: torch.Tensor, prev: torch.Tensor, region: int, force: str
 
 
 def _define_kernel():
-    import triton
-    import triton.language as tl
+    import triton  # optional: only where a kernel is launched (CUDA, or TRITON_INTERPRET=1)
+    import triton.language as tl  # optional, as above
 
     @triton.jit
     def kernel(a_ptr, b_ptr, o_ptr, C, S, SIDE, R, BLOCK: tl.constexpr):
@@ -63,4 +61,4 @@ def _define_kernel():
     return kernel
 
 
-_diff_kernel = _Lazy(_define_kernel)
+_diff_kernel = LazyKernel(_define_kernel)

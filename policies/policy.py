@@ -20,6 +20,7 @@ import torch
 
 from vla.artifact import Normalizer, load_artifact
 from vla.errors import ObservationError, SpecMismatchError, brief
+from vla.fast import FastVLA
 
 # An instruction is a sentence: longer text is refused before the tokenizer reads it (a 16 MiB task
 # held a server for 13-17 s only to be truncated to max_text_tokens).
@@ -60,7 +61,6 @@ class Policy:
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.engine = None
         if fast is not None:  # a vla.fast.FastConfig: the real-time step (caches, token reuse, kernels, compile)
-            from vla.fast import FastVLA
 
             self.engine = FastVLA(self.model, fast, self.device)
         self.reset(seed)

@@ -12,16 +12,21 @@ import json
 import os
 import resource
 import time
+from importlib.resources import files
 from pathlib import Path
 
+import rclpy
 import yaml
+from rclpy.executors import SingleThreadedExecutor
+
+from vla.ros_nodes.policy_node import PolicyNode
+from vla.ros_nodes.sim_node import SimRobotNode
+from vla.sim import EVAL_SEED_START
 
 
 def node_parameters(path: str | Path | None) -> dict:
     """The `vla_policy: ros__parameters:` map of a ROS2 parameter YAML (configs/policy_node.yaml)."""
     if path is None:
-        from importlib.resources import files
-
         path = Path(str(files("vla.configs") / "policy_node.yaml"))
     doc = yaml.safe_load(Path(path).read_text()) or {}
     try:
@@ -39,17 +44,11 @@ def rss_mb(pid: int) -> float | None:
         return None
 
 
-def run(tasks: list[str], episodes: int = 1, seed: int = 1_000_000, params: dict | None = None,
+def run(tasks: list[str], episodes: int = 1, seed: int = EVAL_SEED_START, params: dict | None = None,
         policy=None, timeout_s: float = 600.0, domain_id: int | None = None, progress: bool = True,
         duration_s: float | None = None) -> dict:
     """Each task's episodes in turn; with duration_s, the tasks cycle (new seeds each round) until
     that many seconds have passed (a soak), and memory is reported after the first round and at the end."""
-    import rclpy
-    from rclpy.executors import SingleThreadedExecutor
-
-    from vla.ros_nodes.policy_node import PolicyNode
-    from vla.ros_nodes.sim_node import SimRobotNode
-
     params = dict(params or {})
     if domain_id is not None:
         os.environ["ROS_DOMAIN_ID"] = str(domain_id)

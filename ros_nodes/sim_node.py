@@ -25,16 +25,16 @@ from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
 from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS, stamp_s
+from vla.sim import EVAL_SEED_START, make_env
+from vla.sim.env import CONTROL_HZ
 
 
 class SimRobotNode(Node):
-    def __init__(self, task: str = "pick_cube", seed: int = 1_000_000, episodes: int = 1, image_size: int = 96,
+    def __init__(self, task: str = "pick_cube", seed: int = EVAL_SEED_START, episodes: int = 1, image_size: int = 96,
                  cameras=("front", "wrist"), image_topic_prefix: str = "/camera", command_topic: str = "/command",
                  command_type: str = "trajectory", joint_names=DEFAULT_JOINTS, instruction_topic: str = "/instruction",
                  policy_reset_service: str = "/vla_policy/reset"):
         super().__init__("vla_sim_robot")
-        from vla.sim import make_env
-        from vla.sim.env import CONTROL_HZ
 
         self.env = make_env(task, image_size=image_size, cameras=tuple(cameras))
         self.cameras, self.joint_names = list(cameras), list(joint_names)

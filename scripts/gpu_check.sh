@@ -44,7 +44,7 @@ for step in "$@"; do
             name=$(basename "$policy")
             (cd /tmp && timeout 400 /tmp/vla/bin/vla bench --device cuda --policy "$REPO/$policy" --steps 200 --json \
                 > "$OUT/bench_cuda_$name.json" 2> "$OUT/bench_cuda_$name.err")
-            (cd /tmp && python3 -c "import json, sys; from vla.bench import format_bench
+            (cd /tmp && python3 -c "import json, sys; from vla.jobs.bench import format_bench
 print(format_bench(json.load(open(sys.argv[1]))))" "$OUT/bench_cuda_$name.json") 2>&1 \
                 || tail -20 "$OUT/bench_cuda_$name.err" ;;
         *) echo "unknown step $step" >&2; exit 2 ;;

@@ -12,13 +12,14 @@ import sys
 
 import torch
 
-from vla.bench import fast_full_encode, matmul_floor, matmul_peak_gflops, median_seconds, record_rollout
 from vla.cli import shipped_policy
 from vla.config import VLAConfig
 from vla.fast import FastConfig, FastVLA
+from vla.jobs.bench import fast_full_encode, matmul_floor, matmul_peak_gflops, median_seconds, record_rollout
 from vla.kernels import region_change
 from vla.model import VLA
 from vla.policies import Policy
+from vla.sim import EVAL_SEED_START
 
 
 def median_ms(fn) -> float:
@@ -31,7 +32,7 @@ def token_changes() -> None:
     policy = Policy.from_pretrained(shipped_policy("nano_l1"))
     engine = FastVLA(policy.model, FastConfig())
     for task in ("pick_cube", "stack_cubes", "open_drawer"):
-        xs = [engine.preprocess(policy.prepare(o)[0][0]) for o in record_rollout(policy, task, 60, 1_000_000)]
+        xs = [engine.preprocess(policy.prepare(o)[0][0]) for o in record_rollout(policy, task, 60, EVAL_SEED_START)]
         change = torch.stack([region_change(a, b, engine.patch * engine.scale) for a, b in zip(xs[1:], xs[:-1])])
         for threshold in (0.02, 0.05, 0.1):
             n = (change > threshold).sum(-1).float()  # (frames, cameras)

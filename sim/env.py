@@ -22,6 +22,7 @@ from gymnasium import spaces
 
 from vla.sim.ik import ARM_JOINTS, ArmIK, down_rotation, tool_yaw
 from vla.sim.scene import build_model
+from vla.sim.tasks import TASKS
 
 CONTROL_HZ = 10
 FINGER_OPEN = 0.04  # m, each finger's travel
@@ -47,8 +48,6 @@ class TabletopEnv(gym.Env):
 
     def __init__(self, task, image_size: int = 96, cameras=CAMERAS, render_mode: str | None = None,
                  render_size: int = 256, action_mode: str = "joint", max_episode_steps: int | None = None):
-        from vla.sim.tasks import TASKS  # late import: tasks import this module
-
         if isinstance(task, str):
             if task not in TASKS:
                 raise ValueError(f"unknown task {task!r}; known: {sorted(TASKS)}")

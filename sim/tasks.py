@@ -16,6 +16,9 @@ from vla.sim import scene
 from vla.sim.scene import CUBE_HALF
 
 CUBE_COLORS = ("red", "green", "blue")
+# The suite's seeds: demonstrations are collected from seed 0 up, evaluation (`vla eval`, `vla run`,
+# `vla bench`) uses seeds from here up, so the two never meet.
+EVAL_SEED_START = 1_000_000
 
 
 def sample_positions(rng: np.random.Generator, n: int, x: tuple, y: tuple, min_dist: float) -> np.ndarray:

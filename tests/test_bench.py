@@ -2,7 +2,7 @@
 
 import torch
 
-from vla.bench import matmul_floor, record_matmuls
+from vla.jobs.bench import matmul_floor, record_matmuls
 
 
 def _two_matmuls():

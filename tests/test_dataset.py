@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vla.dataset import DatasetError, DatasetWriter, LeRobotDataset
-from vla.sim.collect import _rollout, collect, dataset_features
+from vla.jobs.collect import _rollout, collect, dataset_features
 
 SIZE = 48
 TASKS = ["pick_cube", "press_button"]

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
-import vla.sim
 from vla.sim import TASKS, make_env
 from vla.sim.experts import ScriptedExpert
 

@@ -14,12 +14,12 @@ from safetensors.torch import load_file
 
 from vla.artifact import ArtifactError, load_artifact
 from vla.config import TrainConfig, VLAConfig, load_recipe
+from vla.jobs.collect import collect
+from vla.jobs.evaluate import evaluate, wilson_interval
+from vla.jobs.train import Trainer, train
 from vla.model import VLA
 from vla.policies import ObservationError, Policy, SpecMismatchError
-from vla.sim.collect import collect
-from vla.sim.evaluate import evaluate, wilson_interval
 from vla.tokenizer import build_tokenizer
-from vla.train import Trainer, train
 
 SIZE = 32
 TINY = {
@@ -413,7 +413,7 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
     for n in (1, 2):
         out = tmp_path / f"out{n}"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
-               str(29500 + n + os.getpid() % 1000), "-m", "vla.train", str(path), f"train.output_dir={out}"]
+               str(29500 + n + os.getpid() % 1000), "-m", "vla.jobs.train", str(path), f"train.output_dir={out}"]
         r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         rows = (out / "metrics.csv").read_text().splitlines()[1:]
@@ -423,7 +423,7 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
 
 
 def test_batches_oversample_a_pool_deterministically():
-    from vla.train import Batches
+    from vla.jobs.train import Batches
 
     pool = np.concatenate([np.arange(10), [0, 1] * 3])  # frames 0 and 1 four times per epoch
     a = Batches(10, 4, seed=0, pool=pool)

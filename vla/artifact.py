@@ -20,8 +20,10 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
 
 from vla.config import VLAConfig
+from vla.model import VLA, Backbone, add_lora
 
 FORMAT_VERSION = 1
 ENV_STATE = "observation.environment_state"  # LeRobot's key; the keypoint head's targets
@@ -111,10 +113,6 @@ class ArtifactError(Exception):
 
 def load_artifact(path: str | Path, device: str | torch.device = "cpu"):
     """-> (model in eval mode, spec dict, Normalizer)."""
-    from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
-
-    from vla.model import VLA, Backbone, add_lora
-
     path = Path(path)
     for name in ("config.json", "backbone_config.json", "model.safetensors", "stats.json", "spec.json"):
         if not (path / name).is_file():

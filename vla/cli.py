@@ -3,14 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
+from importlib.resources import files
 from pathlib import Path
+
+import torch
+import yaml
+import zmq
+
+from vla.dataset import DatasetError
+from vla.fast import FastConfig
+from vla.jobs.bench import CONFIGS, format_bench, kernel_bench, run_bench
+from vla.jobs.bench_sim import bench_sim, expert_table
+from vla.jobs.collect import collect
+from vla.jobs.evaluate import evaluate, fast_config, format_table
+from vla.jobs.train import main as train_main
+from vla.policies import Policy, SpecMismatchError
+from vla.serving import PolicyServer, load_authorized_keys, parse_bind
+from vla.sim import EVAL_SEED_START, make_env
+from vla.sim.experts import ScriptedExpert
+from vla.sim.tasks import TASKS, resolve_task
+from vla.video import write_video
 
 
 def _tasks(value: str) -> list[str]:
-    from vla.sim.tasks import TASKS, resolve_task
-
     if value == "all":
         return list(TASKS)
     try:
@@ -23,7 +42,6 @@ def shipped_policy(name: str = "nano_l1") -> Path:
     """A policy trained here and committed with the package (see BENCHMARKS.md for how): `nano_l1`,
     the default (one head pass: the fastest step, 91 % on the suite), or `nano_diffusion`
     (the diffusion head predicting the chunk, 10 DDIM steps, trained in 100 min: 82 %)."""
-    from importlib.resources import files
 
     return Path(str(files("vla.policies") / "shipped" / name))
 
@@ -33,7 +51,6 @@ def cmd_demo(args) -> int:
     --expert, the scripted experts do); success table and mp4 videos in --out."""
     if args.expert:
         return _demo_experts(args)
-    from vla.sim.evaluate import evaluate, format_table
 
     policy = Path(args.policy) if args.policy else shipped_policy()
     print(f"policy: {policy}")
@@ -44,10 +61,6 @@ def cmd_demo(args) -> int:
 
 
 def _demo_experts(args) -> int:
-    from vla.sim import make_env
-    from vla.sim.experts import ScriptedExpert
-    from vla.video import write_video
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     wins = 0
@@ -74,9 +87,6 @@ def _demo_experts(args) -> int:
 
 
 def cmd_collect(args) -> int:
-    from vla.dataset import DatasetError
-    from vla.sim.collect import collect
-
     try:
         summary = collect(args.out, args.tasks, args.episodes, workers=args.workers,
                           image_size=args.image_size, cameras=args.cameras.split(","), seed=args.seed,
@@ -89,8 +99,6 @@ def cmd_collect(args) -> int:
 
 
 def cmd_experts(args) -> int:
-    from vla.sim.bench import expert_table
-
     rows = expert_table(args.tasks, args.episodes, args.workers, args.seed)
     print(f"{'task':16s} {'successes':>10s} {'rate':>6s} {'mean length':>12s}")
     for r in rows:
@@ -101,17 +109,12 @@ def cmd_experts(args) -> int:
 
 
 def cmd_bench_sim(args) -> int:
-    from vla.sim.bench import bench_sim
-
     result = bench_sim(args.tasks, workers=args.workers, episodes=args.episodes)
     print(json.dumps(result, indent=2) if args.json else _format_bench(result))
     return 0
 
 
 def cmd_train(args) -> int:
-    from vla.dataset import DatasetError
-    from vla.train import main as train_main
-
     try:
         return train_main([args.recipe, *args.overrides] + (["--resume"] if args.resume else []))
     except (DatasetError, ValueError, OSError) as e:  # a bad recipe, dataset, init artifact or output_dir
@@ -124,12 +127,6 @@ FAST_PRESETS = {"off": None, "on": {}, "reuse": {"reuse": True}, "prune": {"prun
 
 def _fast_opts(pairs: list[str]) -> dict:
     """--fast-opt KEY=VALUE pairs (YAML values) -> FastConfig keyword arguments."""
-    import dataclasses
-
-    import yaml
-
-    from vla.fast import FastConfig
-
     known = sorted(f.name for f in dataclasses.fields(FastConfig))
     opts = {}
     for pair in pairs:
@@ -142,15 +139,10 @@ def _fast_opts(pairs: list[str]) -> dict:
 
 
 def _fast(name: str):
-    from vla.sim.evaluate import fast_config
-
     return fast_config(FAST_PRESETS[name])
 
 
 def cmd_eval(args) -> int:
-    from vla.policies import SpecMismatchError
-    from vla.sim.evaluate import evaluate, fast_config, format_table
-
     fast = FAST_PRESETS[args.fast]
     try:
         if args.fast_opt:
@@ -171,8 +163,6 @@ def cmd_eval(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from vla.bench import CONFIGS, format_bench, kernel_bench, run_bench
-
     if args.kernels:
         rows = kernel_bench(args.device)
         if args.json:
@@ -200,11 +190,6 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import torch
-
-    from vla.policies import Policy
-    from vla.serving import PolicyServer, load_authorized_keys, parse_bind
-
     try:
         parse_bind(args.bind)
         key = Path(args.curve_secret_key_file).read_text().strip().encode() if args.curve_secret_key_file else None
@@ -235,10 +220,6 @@ def cmd_serve(args) -> int:
 
 def cmd_keygen(args) -> int:
     """A CURVE key pair: NAME.key (public, for the other side) and NAME.key_secret (mode 0600)."""
-    import os
-
-    import zmq
-
     public, secret = zmq.curve_keypair()
     base = Path(args.name)
     base.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +238,7 @@ def cmd_keygen(args) -> int:
 def cmd_node(args) -> int:
     """The policy node alone, for a real arm: ROS arguments as `ros2 run` takes them."""
     try:
-        from vla.ros_nodes.policy_node import main as node_main
+        from vla.ros_nodes.policy_node import main as node_main  # optional: the ros extra (rclpy)
     except ImportError as e:
         print(f"error: ROS2 is not installed ({e}); pip install -e '.[ros]'", file=sys.stderr)
         return 2
@@ -267,7 +248,7 @@ def cmd_node(args) -> int:
 def cmd_run(args) -> int:
     """The shipped policy (or --policy) drives the simulated arm through real ROS2."""
     try:
-        from vla.ros_nodes.run import format_run, node_parameters, run
+        from vla.ros_nodes.run import format_run, node_parameters, run  # optional: the ros extra (rclpy)
     except ImportError as e:
         print(f"error: ROS2 is not installed ({e}); pip install -e '.[ros]'", file=sys.stderr)
         return 2
@@ -382,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
     r.add_argument("--tasks", type=_tasks, default="all")
     r.add_argument("--episodes", type=int, default=1, help="episodes per task")
-    r.add_argument("--seed", type=int, default=1_000_000)
+    r.add_argument("--seed", type=int, default=EVAL_SEED_START)
     r.add_argument("--params", default=None, help="policy node YAML (default: configs/policy_node.yaml)")
     r.add_argument("--fast", choices=list(FAST_PRESETS), default=None)
     r.add_argument("--remote", default=None, help="use a running `vla serve` (tcp://host:port) for inference")

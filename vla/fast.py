@@ -25,6 +25,7 @@ model's own SigLIP and Llama layers (projections, RoPE, MLPs) serve this path un
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
 from vla.kernels import cached_attention, denoise_update, region_change
 from vla.kernels.attention import update_cache
@@ -136,8 +138,6 @@ def visual_tokens_per_camera(model: VLA) -> int:
 
 def shuffle_groups(side: int, scale: int) -> torch.Tensor:
     """(tokens, scale**2): the patches pixel shuffle concatenates into each token, in channel order."""
-    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
-
     idx = torch.arange(side * side, dtype=torch.float32)[None, :, None]
     return Idefics3Connector.pixel_shuffle(None, idx, scale)[0].long()
 
@@ -430,7 +430,6 @@ class FastVLA:
     def warmup(self, images: torch.Tensor, text: str, state: torch.Tensor, noise: torch.Tensor) -> None:
         """Runs every static shape the step can take once (with compile: compiles them all now; with
         cuda_graph: captures them all now, not in the middle of an episode), then forgets the caches."""
-        import itertools
 
         self.set_instruction(text)
         x = self.preprocess(images.to(self.device))

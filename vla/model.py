@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
+from peft import LoraConfig, inject_adapter_in_model
 from torch import nn
 from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
 
@@ -239,7 +240,6 @@ class ActionTransformer(nn.Module):
 
 def add_lora(backbone: Backbone, rank: int) -> None:
     """LoRA adapters (peft) on the language model's attention projections; base weights frozen."""
-    from peft import LoraConfig, inject_adapter_in_model
 
     lora = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     inject_adapter_in_model(lora, backbone.vlm.text_model)

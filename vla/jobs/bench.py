@@ -9,13 +9,21 @@ the exact path, the machine's measured fp32 matmul peak and the fraction of it t
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import Counter
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from vla.fast import FastConfig, FastVLA, visual_tokens_per_camera
+from vla.kernels.attention import cached_attention, cached_attention_ref
+from vla.kernels.denoise import denoise_update, denoise_update_ref
+from vla.kernels.frame_diff import region_change, region_change_ref
+from vla.policies import Policy
+from vla.sim import EVAL_SEED_START, make_env
 
 CONFIGS = {
     "plain, no prefix cache": None,  # the backbone re-runs at every denoising step
@@ -54,8 +62,6 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 20, device: str | torch.dev
 
 
 def record_rollout(policy, task: str, steps: int, seed: int) -> list[dict]:
-    from vla.sim import make_env
-
     spec = policy.spec
     env = make_env(task, image_size=spec["image_size"], cameras=tuple(spec["cameras"]))
     obs, _ = env.reset(seed=seed)
@@ -116,8 +122,6 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 10) -> 
 
 
 def count_gflop(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         fn()
     return fc.get_total_flops() / 1e9
@@ -149,8 +153,6 @@ _MATMULS = ("mm", "addmm", "bmm", "baddbmm")
 
 def record_matmuls(fn) -> list[tuple[str, tuple]]:
     """Runs fn once and returns every matmul it dispatched: (op name, argument shapes)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     calls = []
 
     class Recorder(TorchDispatchMode):
@@ -181,14 +183,12 @@ def matmul_floor(fn, device: torch.device, repeats: int = 200) -> dict:
 
 
 def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int = 5, threads: int = 2,
-              configs: list[str] | None = None, seed: int = 1_000_000, device: str = "cpu",
+              configs: list[str] | None = None, seed: int = EVAL_SEED_START, device: str = "cpu",
               fast_opts: dict | None = None) -> dict:
     """On CUDA the rollout is recorded on the CPU, then the model and every input move to the GPU;
     the CUDA-graph configurations run there only. fast_opts: FastConfig options for every fast
     configuration (e.g. reuse_threshold)."""
-    import dataclasses
 
-    from vla.policies import Policy
 
     torch.set_num_threads(threads)
     device = torch.device(device)
@@ -310,9 +310,6 @@ def format_bench(r: dict) -> str:
 def kernel_bench(device: str = "cuda", repeats: int = 200) -> list[dict]:
     """Each kernel against its torch reference (eager) on the shapes of the shipped model's step,
     and on larger ones. Median microseconds per call."""
-    from vla.kernels.attention import cached_attention, cached_attention_ref
-    from vla.kernels.denoise import denoise_update, denoise_update_ref
-    from vla.kernels.frame_diff import region_change, region_change_ref
 
     device = torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(0)

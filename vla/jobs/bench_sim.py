@@ -10,13 +10,13 @@ import time
 import mujoco
 import numpy as np
 
-from vla.sim.collect import collect
+from vla.dataset import LeRobotDataset
+from vla.jobs.collect import collect
+from vla.sim import make_env
+from vla.sim.experts import ScriptedExpert, run_expert_episode
 
 
 def _expert_job(job):
-    from vla.sim import make_env
-    from vla.sim.experts import run_expert_episode
-
     task, seeds = job
     env = make_env(task, cameras=())
     return task, [run_expert_episode(env, s)[:2] for s in seeds]
@@ -49,10 +49,6 @@ def _median_ms(fn, n: int) -> float:
 
 
 def bench_sim(tasks: list[str], workers: int = 2, episodes: int = 10) -> dict:
-    from vla.dataset import LeRobotDataset
-    from vla.sim import make_env
-    from vla.sim.experts import ScriptedExpert
-
     env = make_env("stack_cubes", image_size=96)
     env.reset(seed=0)
     expert = ScriptedExpert(env)

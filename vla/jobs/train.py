@@ -1,7 +1,7 @@
 """`vla train`: one YAML recipe per run; AdamW, warmup + cosine, clipping, EMA, augmentation.
 
 Many GPUs (or CPU processes) through torchrun: the same script under `torchrun --nproc_per_node N
--m vla.train ...` runs DDP (nccl on CUDA, gloo on CPU); `batch_size` is the global batch.
+-m vla.jobs.train ...` runs DDP (nccl on CUDA, gloo on CPU); `batch_size` is the global batch.
 
 Checkpoints (`<output_dir>/checkpoints/step-XXXXXX/`) are full policy artifacts (EMA weights) plus
 `training_state.safetensors` / `training_state.json` (raw weights, EMA, optimizer, scheduler, RNG,
@@ -11,6 +11,8 @@ the newest one with the same step, optimizer, scheduler, EMA and data order.
 
 from __future__ import annotations
 
+import argparse
+import copy
 import csv
 import json
 import math
@@ -27,10 +29,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from vla.artifact import Normalizer, save_artifact
-from vla.config import TrainConfig, VLAConfig
+from vla.artifact import ArtifactError, Normalizer, save_artifact
+from vla.config import TrainConfig, VLAConfig, load_recipe
 from vla.dataset import DatasetError, LeRobotDataset
+from vla.jobs.evaluate import evaluate
 from vla.model import VLA
+from vla.policies import Policy
 from vla.tokenizer import build_tokenizer
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
@@ -210,10 +214,6 @@ class Trainer:
         return self.model.backbone.tokenize([ds.meta.tasks.get(i, "") for i in range(n_tasks)], self.device)
 
     def _init_from(self, path: str) -> None:
-        from safetensors.torch import load_file
-
-        from vla.artifact import ArtifactError
-
         weights = Path(path) / "model.safetensors"
         if not weights.is_file():
             raise ArtifactError(f"train.init: {weights} does not exist")
@@ -371,16 +371,11 @@ class Trainer:
         return final
 
     def _eval(self) -> str:
-        from vla.policies import Policy
-        from vla.sim.evaluate import evaluate
-
         policy = Policy(self._ema_model(), self.spec, self.norm)
         res = evaluate(policy, tasks=None, episodes=self.cfg.eval_episodes, workers=1, progress=False)
         return f"{res['mean_success']:.3f}"
 
     def _ema_model(self) -> VLA:
-        import copy
-
         m = copy.deepcopy(self.model)
         m.load_state_dict(self.ema)
         return m.eval()
@@ -398,10 +393,6 @@ def train(model_cfg: VLAConfig, cfg: TrainConfig, resume: bool = False, source: 
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from vla.config import load_recipe
-
     p = argparse.ArgumentParser(prog="vla train")
     p.add_argument("recipe", help="YAML recipe (configs/*.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=100 model.head.type=flow")

@@ -13,10 +13,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from vla.sim.collect import EVAL_SEED_START
-from vla.sim.tasks import TASKS, resolve_task
+from vla.fast import FastConfig
+from vla.policies import Policy, SpecMismatchError
+from vla.sim import make_env
+from vla.sim.env import CAMERAS
+from vla.sim.tasks import EVAL_SEED_START, TASKS, resolve_task
+from vla.video import write_video
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -51,11 +57,6 @@ def run_episode(policy, env, seed: int, record: bool = False, video_size: int = 
 
 
 def _worker(job):
-    import torch
-
-    from vla.policies import Policy
-    from vla.sim import make_env
-
     policy_path, task, seeds, record_seeds, threads, ensemble, fast = job
     torch.set_num_threads(threads)
     policy = Policy.from_pretrained(policy_path, ensemble=ensemble, fast=fast_config(fast))
@@ -66,15 +67,11 @@ def fast_config(fast: dict | None):
     """FastConfig keyword arguments (picklable, for worker processes) -> a FastConfig, or None."""
     if fast is None:
         return None
-    from vla.fast import FastConfig
 
     return FastConfig(**fast)
 
 
 def _rollouts(policy, task, seeds, record_seeds, make_env):
-    from vla.policies import SpecMismatchError
-    from vla.sim.env import CAMERAS
-
     spec = policy.spec
     missing = [c for c in spec["cameras"] if c not in CAMERAS]
     if missing:
@@ -97,7 +94,6 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
              ensemble: str = "queue", fast: dict | None = None) -> dict:
     """`policy`: an artifact path (required for workers > 1) or a Policy object. `fast`: keyword
     arguments of a vla.fast.FastConfig to run the real-time step instead of the plain model path."""
-    from vla.sim import make_env
 
     tasks = [resolve_task(t) for t in (tasks or list(TASKS))]
     seeds = list(range(seed_start, seed_start + episodes))
@@ -119,7 +115,6 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
                 bar.update(len(res))
     else:
         if isinstance(policy, (str, Path)):
-            from vla.policies import Policy
 
             policy = Policy.from_pretrained(policy, ensemble=ensemble, fast=fast_config(fast))
         for t in tasks:
@@ -159,13 +154,6 @@ def format_table(summary: dict) -> str:
 
 
 def _write_outputs(out: Path, summary: dict, results: list) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from vla.video import write_video
-
     out.mkdir(parents=True, exist_ok=True)
     episodes = [{k: v for k, v in r.items() if k != "frames"} for r in results]
     (out / "results.json").write_text(json.dumps({**summary, "episodes": episodes}, indent=2))
@@ -177,12 +165,14 @@ def _write_outputs(out: Path, summary: dict, results: list) -> None:
     rates = np.array([summary["tasks"][t]["success_rate"] for t in names])
     lo = np.array([summary["tasks"][t]["ci95"][0] for t in names])
     hi = np.array([summary["tasks"][t]["ci95"][1] for t in names])
-    fig, ax = plt.subplots(figsize=(max(6, len(names) * 0.9), 4))
+    fig = Figure(figsize=(max(6, len(names) * 0.9), 4))  # matplotlib's object API: no pyplot, no backend
+    ax = fig.subplots()
     ax.bar(names, rates, yerr=[rates - lo, hi - rates], capsize=4, color="#4a7ab5")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("success rate (95% Wilson CI)")
     ax.set_title(f"{summary['episodes_per_task']} episodes per task, mean {summary['mean_success']:.2f}")
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    ax.tick_params(axis="x", labelrotation=30)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
     fig.tight_layout()
     fig.savefig(out / "success.png", dpi=100)
-    plt.close(fig)

@@ -21,11 +21,12 @@ import numpy as np
 from tqdm import tqdm
 
 from vla.dataset import DatasetWriter, video_feature
+from vla.sim import make_env
 from vla.sim.env import CAMERAS, CONTROL_HZ
+from vla.sim.experts import run_expert_episode
 from vla.sim.ik import ARM_JOINTS
 from vla.sim.tasks import TASKS, resolve_task
 
-EVAL_SEED_START = 1_000_000
 STATE_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]
 KEYPOINT_NAMES = ["target.x", "target.y", "target.z", "goal.x", "goal.y", "goal.z"]
 _ENVS: dict = {}
@@ -42,8 +43,6 @@ def dataset_features(image_size: int, cameras=CAMERAS) -> dict:
 def _rollout(job):
     """Worker: one expert episode -> arrays, or None if the expert failed. A scene-only job records
     just the first frame (arm at home) with its keypoints; its action repeats the state."""
-    from vla.sim import make_env
-    from vla.sim.experts import run_expert_episode
 
     task, seed, variant, image_size, cameras, scenes_only = job
     key = (task, image_size, cameras)
