@@ -11,6 +11,7 @@ import itertools
 import json
 import os
 import resource
+import sys
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -21,7 +22,7 @@ from rclpy.executors import SingleThreadedExecutor
 
 from vla.ros_nodes.policy_node import PolicyNode
 from vla.ros_nodes.sim_node import SimRobotNode
-from vla.sim import EVAL_SEED_START
+from vla.sim import EVAL_SEED_START, resolve_tasks
 
 
 def node_parameters(path: str | Path | None) -> dict:
@@ -134,3 +135,26 @@ def format_run(r: dict) -> str:
         + "; ".join(f"{when} " + ", ".join(f"{k} {v:.0f}" for k, v in m.items() if v is not None)
                     for when, m in r.get("rss_mb", {}).items()),
     ])
+
+
+# --- `vla run` ---
+def cmd_run(args) -> int:
+    """The shipped policy (or --policy) drives the simulated arm through real ROS2."""
+    try:
+        tasks, params = resolve_tasks(args.tasks), node_parameters(args.params)
+        if args.policy:
+            params["policy"] = args.policy
+        if args.fast:
+            params["fast"] = args.fast
+        if args.remote:
+            params["remote"] = args.remote
+        params = {k: v for k, v in params.items() if v != ""}
+        r = run(tasks, episodes=args.episodes, seed=args.seed, params=params, domain_id=args.domain_id,
+                duration_s=args.duration)
+    except (ValueError, OSError) as e:  # a bad task, parameter file or artifact
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_run(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return 0

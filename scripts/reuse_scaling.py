@@ -12,13 +12,12 @@ import sys
 
 import torch
 
-from vla.cli import shipped_policy
 from vla.config import VLAConfig
 from vla.fast import FastConfig, FastVLA
 from vla.jobs.bench import fast_full_encode, matmul_floor, matmul_peak_gflops, median_seconds, record_rollout
 from vla.kernels import region_change
 from vla.model import VLA
-from vla.policies import Policy
+from vla.policies import Policy, shipped_policy
 from vla.sim import EVAL_SEED_START
 
 

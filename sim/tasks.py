@@ -295,3 +295,10 @@ def resolve_task(name: str) -> str:
         return ENV_IDS[name]
     raise ValueError(f"unknown task {name!r}; known: {', '.join(sorted(TASKS))} "
                      f"(or ids {', '.join(sorted(ENV_IDS))})")
+
+
+def resolve_tasks(value: str) -> list[str]:
+    """"all", or a comma-separated list of task names / ids."""
+    if value == "all":
+        return list(TASKS)
+    return [resolve_task(t.strip()) for t in value.split(",") if t.strip()]

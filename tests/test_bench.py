@@ -1,7 +1,9 @@
 """The benchmark's own arithmetic: which matmuls a function dispatches, and the FLOPs its floor counts."""
 
+import pytest
 import torch
 
+from vla.fast import FastConfig, fast_config, parse_fast_options
 from vla.jobs.bench import matmul_floor, record_matmuls
 
 
@@ -30,12 +32,15 @@ def test_matmul_floor_counts_the_flops_of_every_call():
 
 
 def test_fast_opt_pairs_become_fast_config_options_and_bad_ones_are_named():
-    import pytest
-
-    from vla.cli import _fast_opts
-
-    assert _fast_opts(["reuse_threshold=0.05", "refresh_every=4"]) == {"reuse_threshold": 0.05, "refresh_every": 4}
+    assert parse_fast_options(["reuse_threshold=0.05", "refresh_every=4"]) == {"reuse_threshold": 0.05,
+                                                                               "refresh_every": 4}
     with pytest.raises(ValueError, match="reuse_treshold"):
-        _fast_opts(["reuse_treshold=0.05"])  # misspelt key
+        parse_fast_options(["reuse_treshold=0.05"])  # misspelt key
     with pytest.raises(ValueError, match="reuse_max"):
-        _fast_opts(["reuse_max=2"])  # FastConfig's own check
+        parse_fast_options(["reuse_max=2"])  # FastConfig's own check
+    assert fast_config("reuse", ["reuse_threshold=0.1"]) == FastConfig(reuse=True, reuse_threshold=0.1)
+    assert fast_config("off") is None
+    with pytest.raises(ValueError, match="give --fast on, reuse or prune"):
+        fast_config("off", ["reuse_threshold=0.1"])
+    with pytest.raises(ValueError, match="exclusive"):
+        fast_config("prune", ["reuse=true"])

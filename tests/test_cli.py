@@ -25,6 +25,48 @@ def test_every_subcommand_has_help(name, capsys):
     assert f"usage: vla {name}" in capsys.readouterr().out
 
 
+def test_help_needs_no_torch():
+    """The command line only declares the jobs: `vla --help` must not load torch, MuJoCo or ROS."""
+    code = "import sys; from vla.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
+           "print(sorted(m for m in ('torch', 'mujoco', 'rclpy') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+def test_the_command_lines_copies_match_the_library():
+    from vla import cli
+    from vla.fast import FAST_PRESETS
+    from vla.sim import EVAL_SEED_START
+
+    assert cli.FAST_PRESETS == list(FAST_PRESETS) and cli.EVAL_SEED_START == EVAL_SEED_START
+
+
+def test_every_subcommand_names_a_function_that_exists():
+    import argparse
+    import importlib
+
+    from vla import cli
+
+    jobs = []
+    original = argparse.ArgumentParser.set_defaults
+
+    def record(self, **kwargs):
+        if "job" in kwargs:
+            jobs.append(kwargs["job"])
+        return original(self, **kwargs)
+
+    argparse.ArgumentParser.set_defaults = record
+    try:
+        with pytest.raises(SystemExit):
+            cli.main(["--help"])
+    finally:
+        argparse.ArgumentParser.set_defaults = original
+    assert len(jobs) == len(SUBCOMMANDS)
+    for job in jobs:
+        module, _, function = job.partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), job
+
+
 def test_keygen_writes_a_public_key_and_a_private_secret(tmp_path):
     import os
     import stat

@@ -8,8 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vla.cli import shipped_policy
-from vla.policies import Policy
+from vla.policies import Policy, shipped_policy
 from vla.serving import PolicyServer
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "fuzz_server.py"

@@ -214,7 +214,7 @@ def test_an_artifacts_recipe_is_the_resolved_one_and_reruns_unchanged(trained, t
 @pytest.mark.parametrize("name", ["nano_l1", "nano_diffusion"])
 def test_shipped_artifacts_recipes_match_their_models(name):
     """The shipped L1 policy's recipe.yaml once said head.type: diffusion (the overrides came after)."""
-    from vla.cli import shipped_policy
+    from vla.policies import shipped_policy
 
     path = shipped_policy(name)
     model_cfg, cfg = load_recipe(path / "recipe.yaml")

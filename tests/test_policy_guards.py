@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from vla.cli import shipped_policy
 from vla.fast import FastConfig
-from vla.policies import ObservationError, Policy
+from vla.policies import ObservationError, Policy, shipped_policy
 from vla.policies.policy import MAX_TASK_CHARS
 
 

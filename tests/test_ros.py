@@ -20,7 +20,7 @@ from std_msgs.msg import Bool, String  # noqa: E402
 from std_srvs.srv import SetBool  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
-from vla.cli import shipped_policy  # noqa: E402
+from vla.policies import shipped_policy  # noqa: E402
 from vla.ros_nodes.policy_node import COMMAND_QOS, LATCHED_QOS, PolicyNode  # noqa: E402
 
 NAMES = ["j1", "j2", "j3", "j4", "j5", "j6", "gripper"]

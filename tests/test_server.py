@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import zmq
 
-from vla.cli import shipped_policy
-from vla.policies import Policy
+from vla.policies import Policy, shipped_policy
 from vla.serving import PolicyClient, PolicyServer, ServerError, load_authorized_keys
 from vla.serving.protocol import PROTOCOL_VERSION, encode, pack_array
 

@@ -25,6 +25,7 @@ model's own SigLIP and Llama layers (projections, RoPE, MLPs) serve this path un
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import time
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import yaml
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -65,6 +67,33 @@ class FastConfig:
         if self.cuda_graph and (self.compile or self.prune_keep):
             raise ValueError("cuda_graph replays the eager step (Triton kernels included): without compile "
                              "or FastV pruning")
+
+
+# the real-time step's presets (`--fast` of vla eval / serve / run, the node's `fast` parameter)
+FAST_PRESETS = {"off": None, "on": FastConfig(), "reuse": FastConfig(reuse=True), "prune": FastConfig(prune_keep=8)}
+
+
+def parse_fast_options(pairs) -> dict:
+    """KEY=VALUE pairs (YAML values, `--fast-opt`) -> FastConfig fields; a bad key or value raises ValueError."""
+    known = sorted(f.name for f in dataclasses.fields(FastConfig))
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--fast-opt {pair!r}: expected KEY=VALUE with KEY one of {known}")
+        opts[key] = yaml.safe_load(value)
+    FastConfig(**opts)  # a bad value or combination fails here, with FastConfig's own message
+    return opts
+
+
+def fast_config(preset: str = "on", pairs=()) -> FastConfig | None:
+    """A preset of FAST_PRESETS with `--fast-opt` pairs on top; None for "off"."""
+    if preset not in FAST_PRESETS:
+        raise ValueError(f"fast preset {preset!r} is not one of {list(FAST_PRESETS)}")
+    cfg = FAST_PRESETS[preset]
+    if pairs and cfg is None:
+        raise ValueError("--fast-opt sets options of the real-time step: give --fast on, reuse or prune")
+    return dataclasses.replace(cfg, **parse_fast_options(pairs)) if pairs else cfg
 
 
 class _Clock:

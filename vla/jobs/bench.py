@@ -10,6 +10,8 @@ the exact path, the machine's measured fp32 matmul peak and the fraction of it t
 from __future__ import annotations
 
 import dataclasses
+import json
+import sys
 import time
 from collections import Counter
 
@@ -18,11 +20,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from vla.fast import FastConfig, FastVLA, visual_tokens_per_camera
+from vla.fast import FastConfig, FastVLA, parse_fast_options, visual_tokens_per_camera
 from vla.kernels.attention import cached_attention, cached_attention_ref
 from vla.kernels.denoise import denoise_update, denoise_update_ref
 from vla.kernels.frame_diff import region_change, region_change_ref
-from vla.policies import Policy
+from vla.policies import Policy, shipped_policy
 from vla.sim import EVAL_SEED_START, make_env
 
 CONFIGS = {
@@ -189,7 +191,6 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     the CUDA-graph configurations run there only. fast_opts: FastConfig options for every fast
     configuration (e.g. reuse_threshold)."""
 
-
     torch.set_num_threads(threads)
     device = torch.device(device)
     policy = Policy.from_pretrained(policy_dir)
@@ -344,3 +345,31 @@ def kernel_bench(device: str = "cuda", repeats: int = 200) -> list[dict]:
         rows.append({"kernel": name, "triton_us": t_fast, "torch_eager_us": t_ref,
                      "speedup": t_ref / t_fast, "max_abs_diff": err})
     return rows
+
+
+# --- `vla bench` ---
+def cmd_bench(args) -> int:
+    if args.kernels:
+        rows = kernel_bench(args.device)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in rows if not args.json else []:
+            print(f"{r['kernel']:44s} triton {r['triton_us']:8.1f} us  torch {r['torch_eager_us']:8.1f} us  "
+                  f"{r['speedup']:5.2f}x  max diff {r['max_abs_diff']:.1e}")
+        return 0
+    configs = None
+    if args.configs:
+        configs = [c.strip() for c in args.configs.split(";")]
+        unknown = [c for c in configs if c not in CONFIGS]
+        if unknown:
+            print(f"error: unknown configurations {unknown}; known: {list(CONFIGS)}", file=sys.stderr)
+            return 2
+    try:
+        opts = parse_fast_options(args.fast_opt)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    r = run_bench(args.policy or shipped_policy(), task=args.task, steps=args.steps, threads=args.threads,
+                  configs=configs, device=args.device, fast_opts=opts)
+    print(json.dumps(r, indent=2) if args.json else format_bench(r))
+    return 0

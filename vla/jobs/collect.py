@@ -13,19 +13,21 @@ only way to tell the trajectories apart.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from vla.dataset import DatasetWriter, video_feature
+from vla.dataset import DatasetError, DatasetWriter, video_feature
 from vla.sim import make_env
 from vla.sim.env import CAMERAS, CONTROL_HZ
 from vla.sim.experts import run_expert_episode
 from vla.sim.ik import ARM_JOINTS
-from vla.sim.tasks import TASKS, resolve_task
+from vla.sim.tasks import TASKS, resolve_task, resolve_tasks
 
 STATE_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]
 KEYPOINT_NAMES = ["target.x", "target.y", "target.z", "goal.x", "goal.y", "goal.z"]
@@ -127,3 +129,16 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
     return {"episodes_written": todo, "frames": frames_written, "seconds": elapsed,
             "frames_per_s": frames_written / elapsed if elapsed > 0 else 0.0, "expert_failures": failed,
             "total_episodes": writer.info["total_episodes"]}
+
+
+# --- `vla collect` ---
+def cmd_collect(args) -> int:
+    try:
+        summary = collect(args.out, resolve_tasks(args.tasks), args.episodes, workers=args.workers,
+                          image_size=args.image_size, cameras=args.cameras.split(","), seed=args.seed,
+                          variants_per_seed=args.variants_per_seed, scenes_only=args.scenes_only)
+    except (DatasetError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2))
+    return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import multiprocessing as mp
+import sys
 import time
 from pathlib import Path
 
@@ -17,11 +18,13 @@ import torch
 from matplotlib.figure import Figure
 from tqdm import tqdm
 
-from vla.fast import FastConfig
-from vla.policies import Policy, SpecMismatchError
+from vla.artifact import ArtifactError
+from vla.fast import FastConfig, fast_config
+from vla.policies import Policy, SpecMismatchError, shipped_policy
 from vla.sim import make_env
 from vla.sim.env import CAMERAS
-from vla.sim.tasks import EVAL_SEED_START, TASKS, resolve_task
+from vla.sim.experts import ScriptedExpert
+from vla.sim.tasks import EVAL_SEED_START, TASKS, resolve_task, resolve_tasks
 from vla.video import write_video
 
 
@@ -59,16 +62,8 @@ def run_episode(policy, env, seed: int, record: bool = False, video_size: int = 
 def _worker(job):
     policy_path, task, seeds, record_seeds, threads, ensemble, fast = job
     torch.set_num_threads(threads)
-    policy = Policy.from_pretrained(policy_path, ensemble=ensemble, fast=fast_config(fast))
+    policy = Policy.from_pretrained(policy_path, ensemble=ensemble, fast=fast)
     return _rollouts(policy, task, seeds, record_seeds, make_env)
-
-
-def fast_config(fast: dict | None):
-    """FastConfig keyword arguments (picklable, for worker processes) -> a FastConfig, or None."""
-    if fast is None:
-        return None
-
-    return FastConfig(**fast)
 
 
 def _rollouts(policy, task, seeds, record_seeds, make_env):
@@ -91,9 +86,9 @@ def _rollouts(policy, task, seeds, record_seeds, make_env):
 
 def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str | Path | None = None,
              videos: int = 2, seed_start: int = EVAL_SEED_START, progress: bool = True,
-             ensemble: str = "queue", fast: dict | None = None) -> dict:
-    """`policy`: an artifact path (required for workers > 1) or a Policy object. `fast`: keyword
-    arguments of a vla.fast.FastConfig to run the real-time step instead of the plain model path."""
+             ensemble: str = "queue", fast: FastConfig | None = None) -> dict:
+    """`policy`: an artifact path (required for workers > 1) or a Policy object. `fast`: the
+    real-time step's FastConfig instead of the plain model path."""
 
     tasks = [resolve_task(t) for t in (tasks or list(TASKS))]
     seeds = list(range(seed_start, seed_start + episodes))
@@ -115,8 +110,7 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
                 bar.update(len(res))
     else:
         if isinstance(policy, (str, Path)):
-
-            policy = Policy.from_pretrained(policy, ensemble=ensemble, fast=fast_config(fast))
+            policy = Policy.from_pretrained(policy, ensemble=ensemble, fast=fast)
         for t in tasks:
             for s in seeds:
                 results.extend(_rollouts(policy, t, [s], record, make_env))
@@ -176,3 +170,60 @@ def _write_outputs(out: Path, summary: dict, results: list) -> None:
         label.set_horizontalalignment("right")
     fig.tight_layout()
     fig.savefig(out / "success.png", dpi=100)
+
+
+# --- `vla eval`, `vla demo` ---
+def cmd_eval(args) -> int:
+    try:
+        fast = fast_config(args.fast, args.fast_opt)
+        summary = evaluate(args.policy, resolve_tasks(args.tasks), args.episodes, workers=args.workers, out=args.out,
+                           videos=args.videos, ensemble=args.ensemble, fast=fast)
+    except (SpecMismatchError, ArtifactError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    if args.out:
+        print(f"results: {Path(args.out) / 'results.json'}, plot: {Path(args.out) / 'success.png'}, "
+              f"videos: {Path(args.out) / 'videos'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The main job: the shipped policy drives the simulated arm through every task (or, with
+    --expert, the scripted experts do); success table and mp4 videos in --out."""
+    if args.expert:
+        return _demo_experts(args, resolve_tasks(args.tasks))
+
+    policy = Path(args.policy) if args.policy else shipped_policy()
+    tasks = resolve_tasks(args.tasks)
+    print(f"policy: {policy}")
+    summary = evaluate(policy, tasks, args.episodes, workers=args.workers, out=args.out, videos=1)
+    print(format_table(summary))
+    print(f"videos: {Path(args.out) / 'videos'}  results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def _demo_experts(args, tasks: list[str]) -> int:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    wins = 0
+    print(f"{'task':16s} {'instruction':42s} {'success':>7s} {'steps':>5s}  video")
+    for task in tasks:
+        env = make_env(task, cameras=(), render_mode="rgb_array", render_size=256)
+        env.reset(seed=args.seed)
+        expert = ScriptedExpert(env)
+        expert.reset()
+        frames = [env.render()]
+        info = {"success": False}
+        for _ in range(env.max_episode_steps):
+            _, _, terminated, truncated, info = env.step(expert.act())
+            frames.append(env.render())
+            if terminated or truncated:
+                break
+        path = out / f"{task}.mp4"
+        write_video(path, frames, fps=env.metadata["render_fps"])
+        wins += info["success"]
+        print(f"{task:16s} {env.instruction:42s} {str(info['success']):>7s} {env.steps:5d}  {path}")
+        env.close()
+    print(f"expert success: {wins}/{len(tasks)}")
+    return 0 if wins == len(tasks) else 1

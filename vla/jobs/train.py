@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -410,3 +411,12 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# --- `vla train` ---
+def cmd_train(args) -> int:
+    try:
+        return main([args.recipe, *args.overrides] + (["--resume"] if args.resume else []))
+    except (DatasetError, ValueError, OSError) as e:  # a bad recipe, dataset, init artifact or output_dir
+        print(f"error: {e}", file=sys.stderr)
+        return 2

@@ -26,14 +26,7 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from vla.errors import ObservationError
-from vla.serving.protocol import (
-    MAX_FRAME_BYTES,
-    PROTOCOL_VERSION,
-    ProtocolError,
-    check_request,
-    decode,
-    encode,
-)
+from vla.serving.protocol import MAX_FRAME_BYTES, PROTOCOL_VERSION, ProtocolError, check_request, decode, encode
 
 MAX_PARTS = 8  # parts of one message kept; the rest are read and dropped
 MAX_ERROR_CHARS = 400  # an error reply never echoes more of what a client sent
