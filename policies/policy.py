@@ -1,18 +1,14 @@
 """The one Policy interface: reset() / act(obs) -> action / act_chunk(obs) -> chunk / spec.
 
 Observations and actions are in raw units (the env's and the robot's); the policy normalizes and
-un-normalizes itself with the stats stored in the artifact. Action selection:
-  - "queue" (default): run the model, execute the first n_action_steps of the chunk, re-plan.
-  - "temporal": ACT's temporal ensembling: re-plan every step, average every chunk's prediction
-    for the current step with weights exp(-k * i), i = 0 for the oldest prediction.
-  - "adaptive": CogACT's adaptive ensemble: re-plan every step, weight past predictions for the
-    current step by exp(alpha * cosine similarity to the newest one).
+un-normalizes itself with the stats stored in the artifact. `act` goes through an action selector
+of policies/ensemble.py ("queue", the default; "temporal"; "adaptive"), the same ones that wrap any
+other chunk source; `last_infer_ms` says what the last `act` cost.
 """
 
 from __future__ import annotations
 
 import copy
-from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +17,8 @@ import torch
 from vla.artifact import Normalizer, load_artifact
 from vla.errors import ObservationError, SpecMismatchError, brief
 from vla.fast import FastVLA
+from vla.policies.ensemble import make_selector
+from vla.spec import PolicySpec
 
 # An instruction is a sentence: longer text is refused before the tokenizer reads it (a 16 MiB task
 # held a server for 13-17 s only to be truncated to max_text_tokens).
@@ -30,38 +28,36 @@ MAX_TASK_CHARS = 1000
 MAX_STATE_STD = 1e6
 
 
-def spec_mismatch(spec: dict, cameras, image_size: int, action_dim: int, state_dim: int | None = None) -> str | None:
+def spec_mismatch(spec: PolicySpec, cameras, image_size: int, action_dim: int, state_dim: int | None = None) -> str | None:
     problems = []
-    if list(spec["cameras"]) != list(cameras):
-        problems.append(f"cameras {list(spec['cameras'])} vs {list(cameras)}")
-    if spec["image_size"] != image_size:
-        problems.append(f"image size {spec['image_size']} vs {image_size}")
-    if spec["action_dim"] != action_dim:
-        problems.append(f"action dim {spec['action_dim']} vs {action_dim}")
-    if state_dim is not None and spec["state_dim"] != state_dim:
-        problems.append(f"state dim {spec['state_dim']} vs {state_dim}")
+    if list(spec.cameras) != list(cameras):
+        problems.append(f"cameras {list(spec.cameras)} vs {list(cameras)}")
+    if spec.image_size != image_size:
+        problems.append(f"image size {spec.image_size} vs {image_size}")
+    if spec.action_dim != action_dim:
+        problems.append(f"action dim {spec.action_dim} vs {action_dim}")
+    if state_dim is not None and spec.state_dim != state_dim:
+        problems.append(f"state dim {spec.state_dim} vs {state_dim}")
     return "; ".join(problems) or None
 
 
 class Policy:
-    def __init__(self, model, spec: dict, normalizer: Normalizer, device: str | torch.device = "cpu",
+    def __init__(self, model, spec: PolicySpec, normalizer: Normalizer, device: str | torch.device = "cpu",
                  ensemble: str = "queue", n_action_steps: int | None = None, temporal_k: float = 0.01,
                  adaptive_alpha: float = 0.1, seed: int = 0, fast=None):
-        if ensemble not in ("queue", "temporal", "adaptive"):
-            raise ValueError(f"ensemble must be queue, temporal or adaptive, got {ensemble!r}")
         self.model = model.to(device).eval()
-        self._spec = dict(spec)
+        self._spec = spec
         self.norm = normalizer
         self.device = torch.device(device)
-        self.ensemble = ensemble
-        self.n_action_steps = n_action_steps or spec["n_action_steps"]
-        self.temporal_k, self.adaptive_alpha = temporal_k, adaptive_alpha
-        self.horizon = spec["horizon"]
-        self.cameras = list(spec["cameras"])
+        options = {"queue": {"n_action_steps": n_action_steps}, "temporal": {"k": temporal_k},
+                   "adaptive": {"alpha": adaptive_alpha}}
+        self.ensemble, self._selector_options = ensemble, options.get(ensemble, {})
+        self.selector = make_selector(ensemble, self, **self._selector_options)
+        self.horizon = spec.horizon
+        self.cameras = list(spec.cameras)
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.engine = None
         if fast is not None:  # a vla.fast.FastConfig: the real-time step (caches, token reuse, kernels, compile)
-
             self.engine = FastVLA(self.model, fast, self.device)
         self.reset(seed)
 
@@ -71,9 +67,9 @@ class Policy:
         return cls(model, spec, norm, device=device, **kwargs)
 
     @property
-    def spec(self) -> dict:
+    def spec(self) -> PolicySpec:
         """What the policy consumes and produces: cameras, image_size, state/action dims and names, fps."""
-        return dict(self._spec)
+        return self._spec
 
     def check_compatible(self, cameras, image_size: int, action_dim: int, state_dim: int | None = None) -> None:
         problem = spec_mismatch(self._spec, cameras, image_size, action_dim, state_dim)
@@ -83,15 +79,14 @@ class Policy:
     def reset(self, seed: int | None = None) -> None:
         self.generator = torch.Generator(device="cpu")
         self.generator.manual_seed(0 if seed is None else int(seed))
-        self.queue: deque = deque()
-        self.history: deque = deque(maxlen=self.horizon)  # chunks for temporal / adaptive ensembling
+        self.selector._reset()  # its queue or ensembling history
         if self.engine is not None and self.engine.owner is self:
             self.engine.reset()
 
     def warmup(self) -> None:
         """One call on a blank observation, then a reset: the real-time step compiles (or captures
         its CUDA graphs) now instead of inside the first request."""
-        s = self._spec["image_size"]
+        s = self._spec.image_size
         obs = {f"observation.images.{c}": np.zeros((s, s, 3), np.uint8) for c in self.cameras}
         obs["observation.state"] = self.norm.state_mean.numpy()
         obs["task"] = "warm up"
@@ -103,12 +98,13 @@ class Policy:
         episode state (queue, ensembling history, noise generator): one per client of a server.
         The engine's frame caches belong to one policy at a time: it is reset when another uses it."""
         other = copy.copy(self)
+        other.selector = make_selector(self.ensemble, other, **self._selector_options)
         other.reset()
         return other
 
     # --- model calls ---
     def _check(self, obs: dict) -> None:
-        s = self._spec["image_size"]
+        s = self._spec.image_size
         for cam in self.cameras:
             key = f"observation.images.{cam}"
             if key not in obs:
@@ -121,8 +117,8 @@ class Policy:
                 state = np.asarray(obs.get("observation.state", ()), dtype=np.float32)
         except (TypeError, ValueError) as e:
             raise ObservationError(f"observation.state is not a vector of numbers: {e}") from None
-        if state.shape != (self._spec["state_dim"],):
-            raise ObservationError(f"observation.state must have shape ({self._spec['state_dim']},), got {state.shape}")
+        if state.shape != (self._spec.state_dim,):
+            raise ObservationError(f"observation.state must have shape ({self._spec.state_dim},), got {state.shape}")
         if not np.all(np.isfinite(state)):
             raise ObservationError(f"observation.state has a non-finite value: {brief(state.tolist())}")
         z = self.norm.state(torch.from_numpy(state)).abs().max().item()
@@ -161,7 +157,7 @@ class Policy:
     @torch.no_grad()
     def _chunk(self, obs: dict) -> np.ndarray:
         images, state = self.prepare(obs)
-        noise = torch.randn((1, self.horizon, self._spec["action_dim"]), generator=self.generator).to(self.device)
+        noise = torch.randn((1, self.horizon, self._spec.action_dim), generator=self.generator).to(self.device)
         if self.engine is not None:
             if self.engine.owner is not self:  # another fork's frames are in its caches
                 self.engine.reset()
@@ -193,18 +189,9 @@ class Policy:
 
     def act(self, obs: dict) -> np.ndarray:
         self._check(obs)  # also when the action comes from the queue: bad input is refused every step
-        if self.ensemble == "queue":
-            if not self.queue:
-                self.queue.extend(self._chunk(obs)[: self.n_action_steps])
-            return self.queue.popleft()
-        self.history.append(self._chunk(obs))
-        # the prediction for "now" of the chunk made i steps ago is its row i
-        n = len(self.history)
-        preds = np.stack([c[n - 1 - j] for j, c in enumerate(self.history)])  # oldest first
-        if self.ensemble == "temporal":
-            w = np.exp(-self.temporal_k * np.arange(n))
-        else:
-            newest = preds[-1]
-            cos = preds @ newest / (np.linalg.norm(preds, axis=1) * np.linalg.norm(newest) + 1e-8)
-            w = np.exp(self.adaptive_alpha * cos)
-        return (w[:, None] * preds).sum(0) / w.sum()
+        return self.selector.act(obs)
+
+    @property
+    def last_infer_ms(self) -> float | None:
+        """The model's time in the last `act` (None: that action had been planned before)."""
+        return self.selector.last_infer_ms

@@ -130,8 +130,8 @@ class PolicyNode(Node):
         self._local = None
         self.policy = policy if policy is not None else self._load_policy(g)
         spec = self.policy.spec
-        self.cameras, self.size = list(spec["cameras"]), spec["image_size"]
-        self.horizon, self.action_dim = spec["horizon"], spec["action_dim"]
+        self.cameras, self.size = list(spec.cameras), spec.image_size
+        self.horizon, self.action_dim = spec.horizon, spec.action_dim
         self.joint_names = list(g("joint_names"))
         try:
             self._check_parameters(spec, g)
@@ -145,7 +145,7 @@ class PolicyNode(Node):
         self.watchdog = g("watchdog_timeout")
         self.stamp_check, self.stamp_tolerance = g("stamp_check"), g("stamp_tolerance")
         self.safety = SafetyFilter(g("joint_lower"), g("joint_upper"), g("max_step"))
-        self.player = ChunkPlayer(spec.get("fps", 10), g("blend_s"))
+        self.player = ChunkPlayer(spec.fps, g("blend_s"))
 
         self.lock = threading.Lock()
         self.images: dict[str, tuple[np.ndarray, float, float]] = {}  # camera -> (image, stamp, received)
@@ -219,10 +219,10 @@ class PolicyNode(Node):
         self._local = LocalInferenceServer(path, g("fast"), g("server_threads"))
         return self._local.start()
 
-    def _check_parameters(self, spec: dict, g) -> None:
-        if len(self.joint_names) != spec["action_dim"] or len(self.joint_names) != spec["state_dim"]:
+    def _check_parameters(self, spec, g) -> None:
+        if len(self.joint_names) != spec.action_dim or len(self.joint_names) != spec.state_dim:
             raise ValueError(f"joint_names has {len(self.joint_names)} names; the policy's state/action "
-                             f"dims are {spec['state_dim']}/{spec['action_dim']}")
+                             f"dims are {spec.state_dim}/{spec.action_dim}")
         if len(set(self.joint_names)) != len(self.joint_names):
             raise ValueError(f"joint_names has duplicates: {self.joint_names}")
         if g("command_type") not in ("trajectory", "float64_array"):

@@ -85,8 +85,8 @@ def run(tasks: list[str], episodes: int = 1, seed: int = EVAL_SEED_START, params
                 sim = sims[task]
                 sim.begin(seed + round_ * episodes, episodes)
             else:
-                sim = sims[task] = SimRobotNode(task, seed=seed, episodes=episodes, image_size=spec["image_size"],
-                                                cameras=spec["cameras"], command_type=node.command_type,
+                sim = sims[task] = SimRobotNode(task, seed=seed, episodes=episodes, image_size=spec.image_size,
+                                                cameras=spec.cameras, command_type=node.command_type,
                                                 joint_names=node.joint_names)
             executor = SingleThreadedExecutor()
             executor.add_node(node)

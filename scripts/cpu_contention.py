@@ -83,9 +83,9 @@ from vla.serving import PolicyClient
 c = PolicyClient(sys.argv[1], timeout_ms=30000)
 s = c.spec
 rng = np.random.default_rng(0)
-obs = {f"observation.images.{k}": rng.integers(0, 255, (s["image_size"], s["image_size"], 3), dtype=np.uint8)
-       for k in s["cameras"]}
-obs["observation.state"] = np.zeros(s["state_dim"], np.float32)
+obs = {f"observation.images.{k}": rng.integers(0, 255, (s.image_size, s.image_size, 3), dtype=np.uint8)
+       for k in s.cameras}
+obs["observation.state"] = np.zeros(s.state_dim, np.float32)
 obs["task"] = "press the red button"
 ms, t_end = [], time.monotonic() + float(sys.argv[2])
 while time.monotonic() < t_end:

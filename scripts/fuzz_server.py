@@ -38,9 +38,9 @@ CATEGORIES = ["bytes", "mutated", "msgpack", "protocol", "multipart", "tcp"]
 
 
 def _valid(spec, rng) -> dict:
-    s = spec["image_size"]
-    obs = {f"observation.images.{c}": rng.integers(0, 255, (s, s, 3), dtype=np.uint8) for c in spec["cameras"]}
-    obs["observation.state"] = rng.normal(0, 0.2, spec["state_dim"]).astype(np.float32)
+    s = spec.image_size
+    obs = {f"observation.images.{c}": rng.integers(0, 255, (s, s, 3), dtype=np.uint8) for c in spec.cameras}
+    obs["observation.state"] = rng.normal(0, 0.2, spec.state_dim).astype(np.float32)
     obs["task"] = str(rng.choice(["press the red button", "open the drawer", "pick up the blue cube"]))
     return {"v": PROTOCOL_VERSION, "cmd": str(rng.choice(["act", "act_chunk"])), "obs": obs}
 
@@ -68,7 +68,7 @@ def _random_value(rng, depth=0):
 
 def _protocol(spec, rng) -> dict:
     msg = _valid(spec, rng)
-    cam = f"observation.images.{spec['cameras'][0]}"
+    cam = f"observation.images.{spec.cameras[0]}"
     case = int(rng.integers(0, 14))
     if case == 0:
         msg["v"] = _random_value(rng)
@@ -85,7 +85,7 @@ def _protocol(spec, rng) -> dict:
     elif case == 5:
         msg["obs"]["task"] = str(rng.choice(["", " ", "\t\n", "\x00", "x" * int(rng.integers(900, 5000))]))
     elif case == 6:
-        msg["obs"]["observation.state"] = np.full(spec["state_dim"], rng.choice([3.4e38, -3.4e38, 1e38, 1e30, np.nan, np.inf]),
+        msg["obs"]["observation.state"] = np.full(spec.state_dim, rng.choice([3.4e38, -3.4e38, 1e38, 1e30, np.nan, np.inf]),
                                                   np.float32)
     elif case == 7:
         msg["obs"]["observation.state"] = _random_value(rng)
@@ -104,7 +104,7 @@ def _protocol(spec, rng) -> dict:
     return msg
 
 
-def frames(category: str, spec: dict, rng) -> list[bytes]:
+def frames(category: str, spec, rng) -> list[bytes]:
     """One message (its parts) of a zmq category."""
     if category == "bytes":
         return [rng.integers(0, 256, int(rng.choice([0, 1, 5, 100, 4096, 65536])), dtype=np.uint8).tobytes()]

@@ -36,7 +36,7 @@ def token_changes() -> None:
         for threshold in (0.02, 0.05, 0.1):
             n = (change > threshold).sum(-1).float()  # (frames, cameras)
             print(f"{task} threshold {threshold}: changed tokens per frame, median of "
-                  + ", ".join(f"{c} {int(n[:, i].median())}" for i, c in enumerate(policy.spec["cameras"]))
+                  + ", ".join(f"{c} {int(n[:, i].median())}" for i, c in enumerate(policy.spec.cameras))
                   + f" (of {engine.tokens})")
 
 

@@ -1,5 +1,6 @@
 """The VLA model, training, artifact and policy, on tiny configs and a tiny collected dataset."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -241,13 +242,13 @@ def test_policy_queue_and_ensembles(trained):
     policy.reset(seed=1)
     actions = [policy.act(_obs()) for _ in range(2)]
     assert np.allclose(actions, chunk[:2])  # n_action_steps = 2 from the queue
-    assert not policy.queue
+    assert not policy.selector.queue
     policy.act(_obs())
-    assert len(policy.queue) == 1  # re-planned after two steps
+    assert len(policy.selector.queue) == 1  # re-planned after two steps
     for mode in ("temporal", "adaptive"):
         p = Policy.from_pretrained(final, ensemble=mode)
         acts = [p.act(_obs()) for _ in range(3)]
-        assert len(p.history) == 3 and all(a.shape == (7,) and np.isfinite(a).all() for a in acts)
+        assert len(p.selector.history) == 3 and all(a.shape == (7,) and np.isfinite(a).all() for a in acts)
 
 
 def test_bad_observations_and_spec_mismatch(trained):
@@ -275,10 +276,11 @@ def test_eval_rejects_a_mismatched_env_and_reports_intervals(trained, tmp_path, 
     assert set(summary["tasks"]) == {"press_button"} and summary["tasks"]["press_button"]["episodes"] == 1
     assert (tmp_path / "ev/results.json").is_file() and (tmp_path / "ev/success.png").is_file()
     assert len(list((tmp_path / "ev/videos").glob("*.mp4"))) == 1
-    policy._spec["action_dim"] = 8  # an artifact made for another robot
+    spec = policy.spec
+    policy._spec = dataclasses.replace(spec, action_dim=8, action_names=None)  # an artifact made for another robot
     with pytest.raises(SpecMismatchError, match="action dim 8 vs 7"):
         evaluate(policy, ["press_button"], episodes=1, workers=1, progress=False)
-    policy._spec.update(action_dim=7, cameras=["front", "top"])
+    policy._spec = dataclasses.replace(spec, cameras=("front", "top"))
     with pytest.raises(SpecMismatchError, match=r"cameras \['top'\] are not in the sim"):
         evaluate(policy, ["press_button"], episodes=1, workers=1, progress=False)
 

@@ -17,9 +17,9 @@ def policy(request):
 
 def observation(spec, task="press the red button", state=None):
     rng = np.random.default_rng(0)
-    obs = {f"observation.images.{c}": rng.integers(0, 255, (spec["image_size"],) * 2 + (3,), dtype=np.uint8)
-           for c in spec["cameras"]}
-    obs["observation.state"] = np.zeros(spec["state_dim"], np.float32) if state is None else state
+    obs = {f"observation.images.{c}": rng.integers(0, 255, (spec.image_size,) * 2 + (3,), dtype=np.uint8)
+           for c in spec.cameras}
+    obs["observation.state"] = np.zeros(spec.state_dim, np.float32) if state is None else state
     obs["task"] = task
     return obs
 
@@ -47,10 +47,10 @@ def test_extreme_finite_states_are_refused_not_answered_with_nan(policy, value):
     obs = observation(policy.spec)
     policy.reset(0)
     expected = reference_chunk(obs)
-    extreme = observation(policy.spec, state=np.full(policy.spec["state_dim"], value, np.float32))
+    extreme = observation(policy.spec, state=np.full(policy.spec.state_dim, value, np.float32))
     with pytest.raises(ObservationError, match="standard deviations from the training data"):
         policy.act(extreme)
-    assert not policy.queue  # nothing queued from the refused call
+    assert not policy.selector.queue  # nothing queued from the refused call
     policy.reset(0)
     np.testing.assert_allclose(policy.act_chunk(obs), expected, atol=1e-5)
 
@@ -68,7 +68,7 @@ def test_non_finite_model_output_is_refused_and_the_caches_dropped(policy):
     try:
         with pytest.raises(ObservationError, match="non-finite actions"):
             policy.act(obs)
-        assert not policy.queue
+        assert not policy.selector.queue
     finally:
         with torch.no_grad():
             bias.copy_(saved)

@@ -26,6 +26,7 @@ from std_srvs.srv import SetBool  # noqa: E402
 from trajectory_msgs.msg import JointTrajectory  # noqa: E402
 
 from vla.ros_nodes.policy_node import COMMAND_QOS, LATCHED_QOS, PolicyNode  # noqa: E402
+from vla.spec import PolicySpec  # noqa: E402
 
 NAMES = ["j1", "j2", "j3", "j4", "j5", "j6", "gripper"]
 SIZE, H, A, FPS = 32, 16, 7, 10
@@ -36,8 +37,8 @@ class ScriptedPolicy:
     """A chunk source whose chunks come from plan(obs, t_obs); records what it was given."""
 
     def __init__(self, plan):
-        self.spec = {"cameras": ["front", "wrist"], "image_size": SIZE, "state_dim": A, "action_dim": A,
-                     "fps": FPS, "horizon": H}
+        self.spec = PolicySpec(cameras=("front", "wrist"), image_size=SIZE, state_dim=A, action_dim=A, fps=FPS,
+                               horizon=H, n_action_steps=8)
         self.plan, self.calls, self.resets, self.last_obs = plan, 0, 0, None
         self.delay = 0.0
 

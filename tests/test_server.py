@@ -43,15 +43,15 @@ def alive(server):
     """After the test: the serving thread still runs and a well-behaved client is answered."""
     yield
     client = PolicyClient(server.address, timeout_ms=5000)
-    assert client.act_chunk(observation(client.spec)).shape == (client.spec["horizon"], client.spec["action_dim"])
+    assert client.act_chunk(observation(client.spec)).shape == (client.spec.horizon, client.spec.action_dim)
     client.close()
 
 
 def observation(spec, size=None, seed=0, task="press the red button"):
-    s = size or spec["image_size"]
+    s = size or spec.image_size
     rng = np.random.default_rng(seed)
-    obs = {f"observation.images.{c}": rng.integers(0, 255, (s, s, 3), dtype=np.uint8) for c in spec["cameras"]}
-    obs["observation.state"] = rng.normal(0, 0.1, spec["state_dim"]).astype(np.float32)
+    obs = {f"observation.images.{c}": rng.integers(0, 255, (s, s, 3), dtype=np.uint8) for c in spec.cameras}
+    obs["observation.state"] = rng.normal(0, 0.1, spec.state_dim).astype(np.float32)
     obs["task"] = task
     return obs
 
@@ -93,9 +93,9 @@ def test_client_gets_spec_actions_and_chunks(server):
     client.reset(seed=3)
     obs = observation(client.spec)
     action = client.act(obs)
-    assert action.shape == (client.spec["action_dim"],) and action.dtype == np.float32 and np.isfinite(action).all()
+    assert action.shape == (client.spec.action_dim,) and action.dtype == np.float32 and np.isfinite(action).all()
     chunk = client.act_chunk(obs)
-    assert chunk.shape == (client.spec["horizon"], client.spec["action_dim"])
+    assert chunk.shape == (client.spec.horizon, client.spec.action_dim)
     client.close()
 
 
@@ -123,7 +123,7 @@ def test_malformed_frames_get_error_replies(server, alive, frame, error):
 
 def test_bad_arrays_and_observations_are_refused_and_the_server_keeps_serving(server, alive):
     spec = server.policy.spec
-    cam = f"observation.images.{spec['cameras'][0]}"
+    cam = f"observation.images.{spec.cameras[0]}"
     cases = []
     obs = observation(spec)
     obs[cam] = {"__nd__": True, "dtype": "float16", "shape": [2], "data": b"\0" * 4}
@@ -142,7 +142,7 @@ def test_bad_arrays_and_observations_are_refused_and_the_server_keeps_serving(se
     cases.append((obs, "must be an array map"))
     cases.append((observation(spec, size=32), "must be uint8 96x96x3"))
     obs = observation(spec)
-    obs["observation.state"] = np.full(spec["state_dim"], np.nan, dtype=np.float32)
+    obs["observation.state"] = np.full(spec.state_dim, np.nan, dtype=np.float32)
     cases.append((obs, "non-finite"))
     obs = observation(spec)
     obs["observation.images.thermal"] = obs[cam]
@@ -156,10 +156,10 @@ def test_bad_arrays_and_observations_are_refused_and_the_server_keeps_serving(se
     with pytest.raises(zmq.Again):
         raw_call(server.address, big, timeout_ms=500)
     client = PolicyClient(server.address)
-    assert client.act(observation(spec)).shape == (spec["action_dim"],)
+    assert client.act(observation(spec)).shape == (spec.action_dim,)
     with pytest.raises(ServerError, match="must be uint8"):
         client.act(observation(spec, size=32))
-    assert client.act(observation(spec)).shape == (spec["action_dim"],)  # the same client goes on
+    assert client.act(observation(spec)).shape == (spec.action_dim,)  # the same client goes on
     client.close()
 
 
@@ -178,7 +178,7 @@ def test_empty_blank_and_huge_tasks_get_errors_and_poison_nothing(server, alive,
 def test_extreme_states_get_errors_never_nan(server, alive, value):
     client = PolicyClient(server.address)
     obs = observation(client.spec)
-    extreme = dict(obs, **{"observation.state": np.full(client.spec["state_dim"], value, np.float32)})
+    extreme = dict(obs, **{"observation.state": np.full(client.spec.state_dim, value, np.float32)})
     for call in (client.act, client.act_chunk):
         with pytest.raises(ServerError, match="standard deviations"):
             call(extreme)
@@ -295,7 +295,7 @@ def test_bind_addresses_are_checked_before_zmq(policy):
     thread = start(srv)
     try:
         client = PolicyClient(srv.address)
-        assert client.spec["action_dim"] == policy.spec["action_dim"]
+        assert client.spec.action_dim == policy.spec.action_dim
         client.close()
     finally:
         srv.stop()
@@ -317,7 +317,7 @@ def test_curve_authenticates_the_server_and_an_allow_list_the_clients(policy, tm
     thread = start(srv)
     try:
         client = PolicyClient(srv.address, curve_server_key=server_pub, curve_secret_key=allowed_sec)
-        assert client.spec["action_dim"] == policy.spec["action_dim"]
+        assert client.spec.action_dim == policy.spec.action_dim
         client.close()
         with pytest.raises(TimeoutError):  # a key pair not on the list is refused by ZAP
             PolicyClient(srv.address, timeout_ms=500, curve_server_key=server_pub, curve_secret_key=other_sec)

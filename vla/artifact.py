@@ -24,6 +24,7 @@ from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
 
 from vla.config import VLAConfig
 from vla.model import VLA, Backbone, add_lora
+from vla.spec import PolicySpec, SpecError
 
 FORMAT_VERSION = 1
 ENV_STATE = "observation.environment_state"  # LeRobot's key; the keypoint head's targets
@@ -74,7 +75,7 @@ def normalizer_with_dataset_keypoints(artifact: str | Path, dataset: str | Path)
     return Normalizer(stats)
 
 
-def save_artifact(path: str | Path, model, spec: dict, stats: dict, recipe: dict | None = None,
+def save_artifact(path: str | Path, model, spec: PolicySpec, stats: dict, recipe: dict | None = None,
                   state_dict: dict | None = None, extra=None, recipe_note: str = "") -> Path:
     """Writes the artifact to a temporary sibling and renames it into place (atomic on one disk).
     recipe: the resolved {model, train} recipe (`vla train` re-runs it), recipe_note a comment above it.
@@ -91,7 +92,7 @@ def save_artifact(path: str | Path, model, spec: dict, stats: dict, recipe: dict
     weights = state_dict if state_dict is not None else model.state_dict()
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "model.safetensors")
     (tmp / "stats.json").write_text(json.dumps(stats, indent=2))
-    (tmp / "spec.json").write_text(json.dumps(spec, indent=2))
+    (tmp / "spec.json").write_text(json.dumps(spec.to_dict(), indent=2))
     if recipe is not None:
         note = "".join(f"# {line}\n" for line in recipe_note.splitlines())
         (tmp / "recipe.yaml").write_text(note + yaml.safe_dump(recipe, sort_keys=False))
@@ -134,6 +135,9 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu"):
         raise ArtifactError(f"{path / 'model.safetensors'} does not match config.json: "
                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.to(device).eval()
-    spec = json.loads((path / "spec.json").read_text())
+    try:
+        spec = PolicySpec.from_dict(json.loads((path / "spec.json").read_text()))
+    except SpecError as e:
+        raise ArtifactError(f"{path / 'spec.json'}: {e}") from None
     stats = json.loads((path / "stats.json").read_text())
     return model, spec, Normalizer(stats)

@@ -65,7 +65,7 @@ def matmul_peak_gflops(n: int = 1024, repeats: int = 20, device: str | torch.dev
 
 def record_rollout(policy, task: str, steps: int, seed: int) -> list[dict]:
     spec = policy.spec
-    env = make_env(task, image_size=spec["image_size"], cameras=tuple(spec["cameras"]))
+    env = make_env(task, image_size=spec.image_size, cameras=tuple(spec.cameras))
     obs, _ = env.reset(seed=seed)
     policy.reset(seed)
     frames = []
@@ -197,7 +197,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     model = policy.model
     frames = record_rollout(policy, task, steps + warmup, seed)
     g = torch.Generator().manual_seed(0)
-    noises = [torch.randn(1, policy.horizon, policy.spec["action_dim"], generator=g).to(device) for _ in frames]
+    noises = [torch.randn(1, policy.horizon, policy.spec.action_dim, generator=g).to(device) for _ in frames]
     inputs = [tuple(t[0].to(device) for t in policy.prepare(o)) for o in frames]
     model.to(device)
     if model.cfg.head.type == "diffusion":

@@ -45,12 +45,9 @@ def run_episode(policy, env, seed: int, record: bool = False, video_size: int = 
     frames = [env.render_camera("front", video_size)] if record else []
     infer_ms = []
     for _ in range(env.max_episode_steps):
-        t0 = time.perf_counter()
-        queued = getattr(policy, "queue", None)
-        will_infer = not queued
         action = policy.act(obs)
-        if will_infer:
-            infer_ms.append((time.perf_counter() - t0) * 1e3)
+        if getattr(policy, "last_infer_ms", None) is not None:  # this step ran the model
+            infer_ms.append(policy.last_infer_ms)
         obs, _, terminated, truncated, info = env.step(action)
         if record:
             frames.append(env.render_camera("front", video_size))
@@ -68,11 +65,11 @@ def _worker(job):
 
 def _rollouts(policy, task, seeds, record_seeds, make_env):
     spec = policy.spec
-    missing = [c for c in spec["cameras"] if c not in CAMERAS]
+    missing = [c for c in spec.cameras if c not in CAMERAS]
     if missing:
         raise SpecMismatchError(f"policy spec does not match the environment: cameras {missing} "
                                 f"are not in the sim (it has {list(CAMERAS)})")
-    env = make_env(task, image_size=spec["image_size"], cameras=tuple(spec["cameras"]))
+    env = make_env(task, image_size=spec.image_size, cameras=tuple(spec.cameras))
     policy.check_compatible(env.cameras, env.image_size, env.action_space.shape[0],
                             env.observation_space["observation.state"].shape[0])
     out = []

@@ -36,6 +36,7 @@ from vla.dataset import DatasetError, LeRobotDataset
 from vla.jobs.evaluate import evaluate
 from vla.model import VLA
 from vla.policies import Policy
+from vla.spec import PolicySpec
 from vla.tokenizer import build_tokenizer
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
@@ -109,13 +110,14 @@ def lr_lambda(cfg: TrainConfig):
     return f
 
 
-def make_spec(model_cfg: VLAConfig, ds: LeRobotDataset) -> dict:
+def make_spec(model_cfg: VLAConfig, ds: LeRobotDataset) -> PolicySpec:
     feats = ds.meta.features
-    return {"cameras": list(model_cfg.cameras), "image_size": model_cfg.image_size,
-            "state_dim": model_cfg.state_dim, "action_dim": model_cfg.action_dim,
-            "state_names": feats["observation.state"].get("names"), "action_names": feats["action"].get("names"),
-            "fps": ds.meta.fps, "horizon": model_cfg.horizon, "n_action_steps": model_cfg.n_action_steps,
-            "robot_type": ds.meta.info.get("robot_type")}
+    names = {k: tuple(feats[k]["names"]) if feats[k].get("names") else None for k in ("observation.state", "action")}
+    return PolicySpec(cameras=tuple(model_cfg.cameras), image_size=model_cfg.image_size,
+                      state_dim=model_cfg.state_dim, action_dim=model_cfg.action_dim, horizon=model_cfg.horizon,
+                      n_action_steps=model_cfg.n_action_steps, fps=ds.meta.fps,
+                      state_names=names["observation.state"], action_names=names["action"],
+                      robot_type=ds.meta.info.get("robot_type"))
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -11,6 +11,7 @@ import numpy as np
 import zmq
 
 from vla.serving.protocol import PROTOCOL_VERSION, decode, encode
+from vla.spec import PolicySpec, SpecError
 
 
 class ServerError(RuntimeError):
@@ -32,7 +33,10 @@ class PolicyClient:
         self._lock = threading.Lock()  # a zmq socket is not thread-safe: one request at a time
         self._connect()
         reply = self._call({"cmd": "hello"})
-        self.spec = reply["spec"]
+        try:
+            self.spec = PolicySpec.from_dict(reply.get("spec"))
+        except SpecError as e:
+            raise ServerError(f"{address} sent no valid spec: {e}") from None
 
     def _connect(self):
         self.sock = self.ctx.socket(zmq.REQ)

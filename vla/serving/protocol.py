@@ -16,6 +16,7 @@ import msgpack
 import numpy as np
 
 from vla.errors import brief
+from vla.spec import PolicySpec
 
 PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 * 1024 * 1024
@@ -76,7 +77,7 @@ def decode(frame: bytes, max_bytes: int = MAX_FRAME_BYTES) -> dict:
     return msg
 
 
-def check_request(msg: dict, spec: dict) -> None:
+def check_request(msg: dict, spec: PolicySpec) -> None:
     """A decoded request against the protocol and the policy's spec; raises ProtocolError."""
     v = msg.get("v")
     if type(v) is not int or v != PROTOCOL_VERSION:  # not 1.0, not True
@@ -94,7 +95,7 @@ def check_request(msg: dict, spec: dict) -> None:
         obs = msg.get("obs")
         if not isinstance(obs, dict):
             raise ProtocolError("act needs an 'obs' map")
-        allowed = {f"observation.images.{c}" for c in spec["cameras"]} | {"observation.state", "task"}
+        allowed = spec.observation_keys()
         extra = set(obs) - allowed
         if extra:
             raise ProtocolError(f"unknown observation keys {brief(sorted(map(str, extra)))}; expected {sorted(allowed)}")

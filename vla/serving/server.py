@@ -156,7 +156,7 @@ class PolicyServer:
             check_request(msg, self.policy.spec)
             cmd = msg["cmd"]
             if cmd == "hello":
-                return {"ok": True, "v": PROTOCOL_VERSION, "spec": self.policy.spec}
+                return {"ok": True, "v": PROTOCOL_VERSION, "spec": self.policy.spec.to_dict()}
             policy = self._session(identity)
             if cmd == "reset":
                 policy.reset(msg.get("seed"))
