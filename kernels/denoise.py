@@ -18,10 +18,14 @@ import torch.nn.functional as F
 from vla.kernels.dispatch import LazyKernel, use_triton
 
 
-def denoise_update_ref(h, ln_w, ln_b, w, b, x, coef):
-    out = F.linear(F.layer_norm(h.float(), (h.shape[-1],), ln_w, ln_b, 1e-5), w, b)
+def sampler_update(x: torch.Tensor, out: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """One step of the sampler from the head's output (the formula above)."""
     x0 = (coef[0] * x + coef[1] * out).clamp(-coef[6], coef[6])
     return coef[4] * x0 + coef[5] * (coef[2] * x + coef[3] * out)
+
+
+def denoise_update_ref(h, ln_w, ln_b, w, b, x, coef):
+    return sampler_update(x, F.linear(F.layer_norm(h.float(), (h.shape[-1],), ln_w, ln_b, 1e-5), w, b), coef)
 
 
 def denoise_update(h: torch.Tensor, ln_w: torch.Tensor, ln_b: torch.Tensor, w: torch.Tensor, b: torch.Tensor,

@@ -63,7 +63,7 @@ def test_a_queue_around_a_policy_client_equals_the_policy_s_own_queue():
         obs = {f"observation.images.{c}": rng.integers(0, 255, (spec.image_size,) * 2 + (3,), dtype=np.uint8)
                for c in spec.cameras}
         obs.update({"observation.state": np.zeros(spec.state_dim, np.float32), "task": "press the red button"})
-        remote = ChunkQueue(PolicyClient(srv.address))
+        remote = ChunkQueue(PolicyClient(srv.address, timeout_ms=30000))
         remote.reset(0)
         local = policy.fork()
         local.reset(0)

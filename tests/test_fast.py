@@ -8,6 +8,7 @@ import torch
 
 from vla.config import VLAConfig
 from vla.fast import FastConfig, FastVLA, shuffle_groups
+from vla.kernels.denoise import sampler_update
 from vla.model import VLA
 from vla.tokenizer import build_tokenizer
 
@@ -198,3 +199,52 @@ def test_cuda_graph_replay_equals_the_eager_step(reuse, kp):
         a, b = eager.step(*f), graphed.step(*f)
         assert torch.allclose(a, b, atol=1e-4), (a - b).abs().max()
     assert graphed.stats == eager.stats
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "sample"])
+def test_the_models_ddim_sampler_is_diffusers_ddim_step(prediction):
+    """The plain path, the fast path and the fused kernel all use the model's Sampler; this pins
+    its update to diffusers' own DDIM step, so none of them can drift from it."""
+    model = tiny_model("diffusion" if prediction == "epsilon" else "diffusion-sample")
+    sch, sampler = model.infer_scheduler, model.sampler
+    assert sampler.times == tuple(float(t) for t in sch.timesteps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 7, generator=g)
+    for i, t in enumerate(sch.timesteps):
+        out = torch.randn(2, 4, 7, generator=g)
+        want = sch.step(out, t, x).prev_sample
+        got = sampler_update(x, out, sampler.coefs[i])
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        x = want
+
+
+def test_flow_and_l1_samplers():
+    flow = tiny_model("flow").sampler
+    assert flow.times[0] == 1000.0 and not flow.from_zeros
+    x, v = torch.randn(1, 4, 7), torch.randn(1, 4, 7)
+    dt = 1.0 / len(flow.times)
+    torch.testing.assert_close(sampler_update(x, v, flow.coefs[0]), x - dt * v)
+    l1 = tiny_model("l1").sampler
+    assert l1.times == (0.0,) and l1.from_zeros
+    torch.testing.assert_close(sampler_update(x, v, l1.coefs[0]), v)
+
+
+def test_an_engine_leaves_the_model_as_it_was_once_closed():
+    model = tiny_model()
+    vc, tc = model.backbone.vlm.config.vision_config, model.backbone.vlm.config.text_config
+    before = (vc._attn_implementation, tc._attn_implementation)
+    engine = FastVLA(model, FastConfig())
+    assert hasattr(model.backbone.vlm.text_model.layers[0].self_attn, "vla_slot")
+    engine.close()
+    assert (vc._attn_implementation, tc._attn_implementation) == before
+    assert not any(hasattr(m, "vla_slot") for m in model.modules())
+
+
+def test_importing_the_fast_path_registers_nothing():
+    import subprocess
+    import sys
+
+    code = ("from transformers import AttentionInterface\nimport vla.fast\n"
+            "print(vla.fast.ATTN_NAME in AttentionInterface._global_mapping)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr

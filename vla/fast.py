@@ -26,6 +26,7 @@ model's own SigLIP and Llama layers (projections, RoPE, MLPs) serve this path un
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import time
@@ -41,7 +42,7 @@ from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
 from vla.kernels import cached_attention, denoise_update, region_change
 from vla.kernels.attention import update_cache
-from vla.model import IMAGE_MEAN, IMAGE_STD, VLA, timestep_embedding
+from vla.model import IMAGE_MEAN, IMAGE_STD, VLA
 
 ATTN_NAME = "vla_cached"
 
@@ -154,9 +155,12 @@ def _slot_attention(module, query, key, value, attention_mask, scaling=None, dro
     return out.transpose(1, 2).contiguous(), None
 
 
-AttentionInterface.register(ATTN_NAME, _slot_attention)
-# the plain path through the same layers (no active slot) gets SDPA's masks, as with "sdpa"
-AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+@functools.cache
+def _register_attention() -> None:
+    """Adds the cached attention to transformers' registry (once, when an engine is first built; a
+    layer with no active slot, as on the plain path, runs SDPA with SDPA's masks)."""
+    AttentionInterface.register(ATTN_NAME, _slot_attention)
+    AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
 
 
 def visual_tokens_per_camera(model: VLA) -> int:
@@ -193,6 +197,10 @@ class FastVLA:
 
         vm, lm = vlm.vision_model, vlm.text_model
         self.vision_layers, self.lm_layers = list(vm.encoder.layers), list(lm.layers)
+        # the hooks this engine installs on the model until `close()`: a cache slot on each
+        # attention module and the attention implementation that reads it
+        _register_attention()
+        self._saved_attn = (vc._attn_implementation, tc._attn_implementation)
         for layer in self.vision_layers:
             layer.self_attn.vla_slot = KVSlot(self.n_cam, vc.num_attention_heads, self.n_patch,
                                               vc.hidden_size // vc.num_attention_heads, cfg.kernels).to(self.device)
@@ -238,35 +246,26 @@ class FastVLA:
         self.owner = None  # the Policy whose frames the caches hold (policies/policy.py)
         self.reset()
 
+    def close(self) -> None:
+        """Takes this engine's hooks off the model (its cache slots, the attention implementation):
+        the model is then as it was before the engine was built."""
+        for layer in self.vision_layers + self.lm_layers:
+            if hasattr(layer.self_attn, "vla_slot"):
+                del layer.self_attn.vla_slot
+        vc, tc = self.model.backbone.vlm.config.vision_config, self.model.backbone.vlm.config.text_config
+        vc._attn_implementation, tc._attn_implementation = self._saved_attn
+
     # --- once per model ---
     @torch.no_grad()
     def _precompute_sampler(self):
-        m, h = self.model, self.model.cfg.head
-        if h.type == "diffusion":  # the coefficients of kernels/denoise.py
-            sch = m.infer_scheduler
-            ac = sch.alphas_cumprod
-            stride = sch.config.num_train_timesteps // sch.num_inference_steps
-            clip = sch.config.clip_sample_range
-            times, coefs = [], []
-            for t in sch.timesteps.tolist():
-                a_t = float(ac[t])
-                a_prev = float(ac[t - stride] if t - stride >= 0 else sch.final_alpha_cumprod)
-                s, r = math.sqrt(a_t), math.sqrt(1 - a_t)
-                to_x0_eps = [1 / s, -r / s, 0.0, 1.0] if h.prediction_type == "epsilon" else [0.0, 1.0, 1 / r, -s / r]
-                times.append(float(t))
-                coefs.append(to_x0_eps + [math.sqrt(a_prev), math.sqrt(1 - a_prev), clip])
-        elif h.type == "flow":
-            dt = 1.0 / h.inference_steps
-            times = [(1.0 - i * dt) * 1000.0 for i in range(h.inference_steps)]
-            coefs = [[1.0, -dt, 0.0, 0.0, 1.0, 0.0, math.inf]] * h.inference_steps
-        else:  # l1: one pass from zeros; the output is the chunk
-            times, coefs = [0.0], [[0.0, 1.0, 0.0, 0.0, 1.0, 0.0, math.inf]]
-        head = m.head
-        self.coefs = torch.tensor(coefs, dtype=torch.float32, device=self.device)
-        self.mods = []  # per step, per block: the adaLN tensor (1, 1, 6 d) of the time embedding
-        for t in times:
-            cond = head.time(timestep_embedding(torch.tensor([t], device=self.device), head.d))
-            self.mods.append([blk.ada(cond)[:, None] for blk in head.blocks])
+        """The model's sampler on this device, and per denoising step the blocks' adaLN modulation
+        of that step's time (the part of the conditioning that never changes)."""
+        head, sampler = self.model.head, self.model.sampler
+        self.coefs = sampler.coefs.to(self.device)
+        self.mods = []  # per step, per block: (1, 1, 6 d)
+        for t in sampler.times:
+            cond = head.time_condition(torch.tensor([t], device=self.device))
+            self.mods.append([blk.modulation(cond) for blk in head.blocks])
 
     # --- once per instruction / episode ---
     @torch.no_grad()
@@ -355,16 +354,16 @@ class FastVLA:
 
     def _vision_layers(self, h: torch.Tensor, index: torch.Tensor | None = None,
                        parts: list[tuple[int, int, torch.Tensor]] | None = None) -> torch.Tensor:
-        """FiLM + the SigLIP layers + the final LayerNorm over patch embeddings h. Each layer writes
-        its keys/values into the cache at `index` (cameras batched) or per camera (`parts`)."""
-        for i, layer in enumerate(self.vision_layers):
-            if self.film is not None:
-                h = h * (1 + self.film[:, i, 0]) + self.film[:, i, 1]
-            slot = layer.self_attn.vla_slot
+        """The model's vision encoder (FiLM, SigLIP's layers, the final LayerNorm) over patch
+        embeddings h, each layer's keys/values written into its cache at `index` (cameras batched)
+        or per camera (`parts`)."""
+        slots = [layer.self_attn.vla_slot for layer in self.vision_layers]
+        for slot in slots:
             slot.index, slot.parts, slot.mask, slot.active = index, parts, None, True
-            h = layer(h, None)
+        h = self.model.backbone.vision_encoder(h, self.film)
+        for slot in slots:
             slot.parts, slot.active = None, False
-        return self.model.backbone.vlm.vision_model.post_layernorm(h)
+        return h
 
     def _vision(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """x (n_cam, 3, S, S) normalized frames; tok (n_cam, R) the tokens to compute (the same number
@@ -410,30 +409,25 @@ class FastVLA:
             m = self.model
             cond = m.head.keypoint_cond(m.keypoints_from_memory(self._last_lm_out))  # last row: the state token
             for i, blk in enumerate(m.head.blocks):
-                self.kp_mods[i].copy_(F.linear(cond, blk.ada.weight)[:, None])
+                self.kp_mods[i].copy_(blk.modulation(cond, bias=False))
         return self._last_key_valid[:, None, None, :]
 
     def _denoise(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The model's sampling loop (`VLA.sample`) over the cached prefix, its cross-attention the
+        cached kernel and each step's output layer fused with the sampler's update."""
         head = self.model.head
-        if self.model.cfg.head.type == "l1":
+        if self.model.sampler.from_zeros:
             x = torch.zeros_like(x)  # regression from a fixed input; no noise
         for mods, coef in zip(self.mods, self.coefs):
-            h = head.in_proj(x) + head.pos
-            for i, (blk, kv, mod) in enumerate(zip(head.blocks, self.head_kv, mods)):
-                if self.kp_mods is not None:
-                    mod = mod + self.kp_mods[i]
-                sh1, sc1, g1, sh3, sc3, g3 = mod.chunk(6, dim=-1)
-                b, n, d = h.shape
-                a = blk.norm1(h) * (1 + sc1) + sh1
-                q, k, v = (blk._split(t) for t in blk.qkv(a).chunk(3, dim=-1))
-                h = h + g1 * blk.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-                q = blk._split(blk.q_cross(blk.norm2(h)))
-                a = cached_attention(q, kv[0], kv[1], mask, 1 / math.sqrt(d // blk.heads), force=self.cfg.kernels)
-                h = h + blk.proj_cross(a.transpose(1, 2).reshape(b, n, d))
-                h = h + g3 * blk.mlp(blk.norm3(h) * (1 + sc3) + sh3)
+            if self.kp_mods is not None:
+                mods = [mod + kp for mod, kp in zip(mods, self.kp_mods)]
+            h = head.features(head.embed(x), mods, self.head_kv, mask, self._cross_attention)
             x = denoise_update(h, head.out_norm.weight, head.out_norm.bias, head.out.weight, head.out.bias,
                                x, coef, force=self.cfg.kernels)
         return x
+
+    def _cross_attention(self, q, k, v, mask):
+        return cached_attention(q, k, v, mask, 1 / math.sqrt(q.shape[-1]), force=self.cfg.kernels)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(n_cam, 3, S, S) in [0, 1] -> normalized at the vision encoder's size."""

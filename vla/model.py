@@ -21,6 +21,7 @@ from torch import nn
 from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
 
 from vla.config import BackboneConfig, HeadConfig, VLAConfig
+from vla.kernels.denoise import sampler_update
 
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5  # SigLIP's normalization, as SmolVLM's processor uses
 
@@ -118,12 +119,18 @@ class Backbone(nn.Module):
         film = None
         if self.film is not None and instruction is not None:
             film = self.film_params(instruction).repeat_interleave(n, 0).to(h.dtype)
+        feats = self.vlm.connector(self.vision_encoder(h, film))
+        return feats.reshape(b, n * feats.shape[1], feats.shape[2])
+
+    def vision_encoder(self, h: torch.Tensor, film: torch.Tensor | None) -> torch.Tensor:
+        """SigLIP's layers over patch embeddings h (N, patches, D), each layer's input modulated by
+        FiLM (film: (N or 1, layers, 2, 1, D) or None), then the final LayerNorm."""
+        vm = self.vlm.vision_model
         for i, layer in enumerate(vm.encoder.layers):
             if film is not None:
                 h = h * (1 + film[:, i, 0]) + film[:, i, 1]
             h = layer(h, None)
-        feats = self.vlm.connector(vm.post_layernorm(h))
-        return feats.reshape(b, n * feats.shape[1], feats.shape[2])
+        return vm.post_layernorm(h)
 
     def forward(self, input_ids, text_mask, images, state_token) -> tuple[torch.Tensor, torch.Tensor]:
         text = self.vlm.get_input_embeddings()(input_ids)
@@ -188,15 +195,24 @@ class Block(nn.Module):
         k, v = self.kv_cross(memory).chunk(2, dim=-1)
         return self._split(k), self._split(v)
 
-    def forward(self, x, cond, kv, mask):
+    def modulation(self, cond: torch.Tensor, bias: bool = True) -> torch.Tensor:
+        """adaLN's (B, 1, 6 d) shifts, scales and gates for a conditioning (B, d). It is linear in
+        cond: a constant part (the time of a denoising step) can be computed once, and another
+        (the keypoints) added without the bias."""
+        return (self.ada(cond) if bias else F.linear(cond, self.ada.weight))[:, None]
+
+    def forward(self, x, mod, kv, mask, cross_attention=None):
+        """x (B, n, d) action tokens; mod from `modulation`; kv the prefix's keys and values;
+        cross_attention(q, k, v, mask) replaces SDPA over the prefix (the fast path's cached kernel)."""
         b, n, d = x.shape
-        shift1, scale1, gate1, shift3, scale3, gate3 = self.ada(cond)[:, None].chunk(6, dim=-1)
+        shift1, scale1, gate1, shift3, scale3, gate3 = mod.chunk(6, dim=-1)
         h = self.norm1(x) * (1 + scale1) + shift1
         q, k, v = (self._split(t) for t in self.qkv(h).chunk(3, dim=-1))
         a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + gate1 * self.proj(a)
         q = self._split(self.q_cross(self.norm2(x)))
-        a = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=mask).transpose(1, 2).reshape(b, n, d)
+        attend = cross_attention or (lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m))
+        a = attend(q, kv[0], kv[1], mask).transpose(1, 2).reshape(b, n, d)
         x = x + self.proj_cross(a)
         h = self.norm3(x) * (1 + scale3) + shift3
         return x + gate3 * self.mlp(h)
@@ -228,14 +244,58 @@ class ActionTransformer(nn.Module):
         cond = self.keypoint_cond(keypoints) if self.keypoint_cond is not None else None
         return PrefixCache([blk.prefix_kv(m) for blk in self.blocks], mask[:, None, None, :], cond)
 
+    def time_condition(self, t: torch.Tensor) -> torch.Tensor:
+        return self.time(timestep_embedding(t, self.d))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.in_proj(x) + self.pos
+
+    def features(self, h: torch.Tensor, mods, kv, mask, cross_attention=None) -> torch.Tensor:
+        """The blocks over embedded tokens h, block i with modulation mods[i] and prefix kv[i]."""
+        for blk, mod, blk_kv in zip(self.blocks, mods, kv):
+            h = blk(h, mod, blk_kv, mask, cross_attention)
+        return h
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cache: PrefixCache) -> torch.Tensor:
-        cond = self.time(timestep_embedding(t, self.d))
+        cond = self.time_condition(t)
         if cache.cond is not None:
             cond = cond + cache.cond
-        h = self.in_proj(x) + self.pos
-        for blk, kv in zip(self.blocks, cache.kv):
-            h = blk(h, cond, kv, cache.mask)
+        h = self.features(self.embed(x), [blk.modulation(cond) for blk in self.blocks], cache.kv, cache.mask)
         return self.out(self.out_norm(h))
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """The head's inference loop: at step i the head sees time `times[i]`, then the sample moves by
+    `sampler_update(x, out, coefs[i])` (kernels/denoise.py: DDIM with clipping, a flow Euler step,
+    or the L1 head's single pass, as one 7-coefficient formula). The plain path, the fast path and
+    its fused kernel all read it."""
+
+    times: tuple[float, ...]
+    coefs: torch.Tensor  # (steps, 7) float32
+    from_zeros: bool  # the L1 head regresses from a fixed zero input, not from noise
+
+    @classmethod
+    def for_head(cls, h: HeadConfig, scheduler: DDIMScheduler | None = None) -> Sampler:
+        if h.type == "diffusion":
+            ac = scheduler.alphas_cumprod
+            stride = scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+            clip = scheduler.config.clip_sample_range
+            times, coefs = [], []
+            for t in scheduler.timesteps.tolist():
+                a_t = float(ac[t])
+                a_prev = float(ac[t - stride] if t - stride >= 0 else scheduler.final_alpha_cumprod)
+                s, r = math.sqrt(a_t), math.sqrt(1 - a_t)
+                to_x0_eps = [1 / s, -r / s, 0.0, 1.0] if h.prediction_type == "epsilon" else [0.0, 1.0, 1 / r, -s / r]
+                times.append(float(t))
+                coefs.append(to_x0_eps + [math.sqrt(a_prev), math.sqrt(1 - a_prev), clip])
+        elif h.type == "flow":  # pi0's convention: t = 1 is noise, x <- x - dt * v
+            dt = 1.0 / h.inference_steps
+            times = [(1.0 - i * dt) * 1000.0 for i in range(h.inference_steps)]
+            coefs = [[1.0, -dt, 0.0, 0.0, 1.0, 0.0, math.inf]] * h.inference_steps
+        else:  # l1: one pass from zeros; the output is the chunk
+            times, coefs = [0.0], [[0.0, 1.0, 0.0, 0.0, 1.0, 0.0, math.inf]]
+        return cls(tuple(times), torch.tensor(coefs, dtype=torch.float32), h.type == "l1")
 
 
 def add_lora(backbone: Backbone, rank: int) -> None:
@@ -268,6 +328,7 @@ class VLA(nn.Module):
             self.train_scheduler = DDPMScheduler(**common)
             self.infer_scheduler = DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0)
             self.infer_scheduler.set_timesteps(h.inference_steps)
+        self.sampler = Sampler.for_head(h, getattr(self, "infer_scheduler", None))
 
     @classmethod
     def build(cls, cfg: VLAConfig, tokenizer=None) -> VLA:
@@ -360,17 +421,11 @@ class VLA(nn.Module):
         b = cache.mask.shape[0]
         shape = (b, self.cfg.horizon, self.cfg.action_dim)
         device = cache.mask.device
-        h = self.cfg.head
-        if h.type == "l1":
-            return self.head(torch.zeros(shape, device=device), torch.zeros(b, device=device), cache)
-        x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
-        if h.type == "diffusion":
-            for t in self.infer_scheduler.timesteps:
-                out = self.head(x, t.expand(b).to(device), cache)
-                x = self.infer_scheduler.step(out, t, x).prev_sample
-            return x
-        dt = 1.0 / h.inference_steps
-        for i in range(h.inference_steps):
-            t = torch.full((b,), 1.0 - i * dt, device=device)
-            x = x - dt * self.head(x, t * 1000.0, cache)
+        sampler = self.sampler
+        if sampler.from_zeros:
+            x = torch.zeros(shape, device=device)
+        else:
+            x = noise if noise is not None else torch.randn(shape, generator=generator, device=device)
+        for t, coef in zip(sampler.times, sampler.coefs.to(device)):
+            x = sampler_update(x, self.head(x, torch.full((b,), t, device=device), cache), coef)
         return x

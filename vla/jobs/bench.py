@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vla.fast import FastConfig, FastVLA, parse_fast_options, visual_tokens_per_camera
 from vla.kernels.attention import cached_attention, cached_attention_ref
-from vla.kernels.denoise import denoise_update, denoise_update_ref
+from vla.kernels.denoise import denoise_update, denoise_update_ref, sampler_update
 from vla.kernels.frame_diff import region_change, region_change_ref
 from vla.policies import Policy, shipped_policy
 from vla.sim import EVAL_SEED_START, make_env
@@ -90,14 +90,14 @@ def _plain_step(model, images, ids, mask, state, noise, cache_prefix: bool, timi
         backbone = time.perf_counter() - t0
         out = model.sample(cache, noise=noise)
     else:  # what a loop without the prefix cache pays: the backbone at every denoising step
-        backbone, out, sch = 0.0, noise, model.infer_scheduler
-        for t in sch.timesteps:
+        backbone, out, sampler = 0.0, noise, model.sampler
+        for t, coef in zip(sampler.times, sampler.coefs.to(device)):
             _sync(device)
             s = time.perf_counter()
             cache = model.encode(images[None], ids, mask, state[None])
             _sync(device)
             backbone += time.perf_counter() - s
-            out = sch.step(model.head(out, t.expand(1).to(device), cache), t, out).prev_sample
+            out = sampler_update(out, model.head(out, torch.full((1,), t, device=device), cache), coef)
     _sync(device)
     total = time.perf_counter() - t0
     timings.update(preprocess=0.0, backbone=backbone, head=total - backbone)
@@ -200,8 +200,6 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     noises = [torch.randn(1, policy.horizon, policy.spec.action_dim, generator=g).to(device) for _ in frames]
     inputs = [tuple(t[0].to(device) for t in policy.prepare(o)) for o in frames]
     model.to(device)
-    if model.cfg.head.type == "diffusion":
-        model.infer_scheduler.set_timesteps(model.cfg.head.inference_steps, device=device)
     text = frames[0]["task"]
     ids, mask = model.backbone.tokenize([text], device)
     result = {"policy": str(policy_dir), "task": task, "frames": steps, "threads": threads,
@@ -210,8 +208,6 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     reference = None
     for name in configs or list(CONFIGS):
         cfg = CONFIGS[name]
-        if name == "plain, no prefix cache" and model.cfg.head.type != "diffusion":
-            continue  # that loop is written for the DDIM sampler
         if isinstance(cfg, FastConfig) and cfg.cuda_graph and device.type != "cuda":
             continue
         if cfg == "prune":
