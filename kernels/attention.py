@@ -8,6 +8,7 @@ Grouped-query attention: query head h reads key/value head h // (Hq // Hkv).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from vla.kernels.dispatch import LazyKernel, use_triton
 
@@ -31,9 +32,24 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      scale: float, force: str | None = None) -> torch.Tensor:
     """q (B, Hq, n, d) over k, v (B, Hkv, P, d); mask (B, 1, n, P) bool, True = may attend (every
     query row must allow at least one key). Returns (B, Hq, n, d)."""
-    if not use_triton(q, force):
-        return cached_attention_ref(q, k, v, mask, scale)
-    return _cached_attention_triton(q, k, v, mask, scale)
+    if use_triton(q, force):
+        return _cached_attention_triton(q, k, v, mask, scale)
+    if q.shape[-2] * k.shape[-2] > SDPA_MIN_SCORES:
+        return cached_attention_sdpa(q, k, v, mask, scale)
+    return cached_attention_ref(q, k, v, mask, scale)
+
+
+# Off CUDA: below this many scores per head (queries x prefix) the explicit form, which inductor
+# fuses with its neighbours (the nano model's compiled step: 3.0 ms against 3.4 through SDPA); above
+# it torch's fused SDPA, which never holds the score matrix (at SmolVLM's 1024 patches per camera
+# the explicit form made the fast path 40 % slower than the model's own SDPA). BENCHMARKS.md.
+SDPA_MIN_SCORES = 16384
+
+
+def cached_attention_sdpa(q, k, v, mask, scale):
+    """`cached_attention_ref` through torch's fused attention."""
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
+                                          enable_gqa=q.shape[1] != k.shape[1])
 
 
 def _cached_attention_triton(q, k, v, mask, scale):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vla.kernels import cached_attention, denoise_update, region_change, triton_available
-from vla.kernels.attention import cached_attention_ref, update_cache
+from vla.kernels.attention import cached_attention_ref, cached_attention_sdpa, update_cache
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 # the interpreter cannot run on CUDA tensors, and compiled Triton needs a GPU
@@ -38,6 +38,20 @@ def test_cached_attention_matches_reference(b, hq, hkv, n, p, d, device):
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q, k.repeat_interleave(hq // hkv, 1), v.repeat_interleave(hq // hkv, 1), attn_mask=mask)
     assert torch.allclose(ref, sdpa, atol=TOL)
+
+
+@pytest.mark.parametrize("b,hq,hkv,n,p,d", [(1, 4, 2, 9, 45, 32), (2, 9, 3, 64, 300, 64), (1, 12, 12, 20, 1024, 64)])
+def test_the_torch_dispatch_is_the_reference(b, hq, hkv, n, p, d):
+    """Off CUDA large score matrices go through torch's fused SDPA: it must equal the explicit reference."""
+    g = torch.Generator().manual_seed(n)
+    q, k, v = torch.randn(b, hq, n, d, generator=g), torch.randn(b, hkv, p, d, generator=g), torch.randn(b, hkv, p, d, generator=g)
+    pos = torch.stack([torch.randperm(p, generator=g)[:n] for _ in range(b)])
+    mask = (torch.arange(p)[None, None, :] <= pos[:, :, None])[:, None]
+    for m in (mask, None):
+        torch.testing.assert_close(cached_attention(q, k, v, m, 0.125, force="torch"),
+                                   cached_attention_ref(q, k, v, m, 0.125), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(cached_attention_sdpa(q, k, v, m, 0.125),
+                                   cached_attention_ref(q, k, v, m, 0.125), atol=1e-5, rtol=1e-4)
 
 
 def test_update_cache_writes_only_the_given_positions():
