@@ -248,3 +248,43 @@ def test_importing_the_fast_path_registers_nothing():
             "print(vla.fast.ATTN_NAME in AttentionInterface._global_mapping)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr
+
+
+def smolvlm_shaped(tmp_path, image_size=64):
+    """SmolVLM-256M's architecture at a toy width, loaded the way a checkpoint is (`pretrained`):
+    scale-4 pixel shuffle, 9 query / 3 key-value heads of head_dim 16, patch 16 at 64 px."""
+    from transformers import Idefics3Config, Idefics3Model
+
+    tok = build_tokenizer(TEXTS)
+    cfg = Idefics3Config(
+        vision_config={"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 3,
+                       "image_size": image_size, "patch_size": 8, "num_channels": 3},
+        text_config={"model_type": "llama", "vocab_size": len(tok), "hidden_size": 144, "intermediate_size": 96,
+                     "num_hidden_layers": 3, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 16,
+                     "pad_token_id": tok.pad_token_id, "tie_word_embeddings": True},
+        scale_factor=4, image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    Idefics3Model(cfg).save_pretrained(tmp_path / "smolvlm-shaped")
+    tok.save_pretrained(tmp_path / "smolvlm-shaped")
+    d = json.loads(json.dumps(TINY))
+    d["image_size"] = 32
+    d["backbone"] = {"pretrained": str(tmp_path / "smolvlm-shaped"), "max_text_tokens": 8}
+    return VLA.build(VLAConfig.from_dict(d)).eval()
+
+
+def test_the_fast_path_is_exact_on_a_smolvlm_shaped_backbone(tmp_path):
+    """What `vla bench` measures on scripts/smolvlm_artifact.py's 256M model, at a size CI can run."""
+    model = smolvlm_shaped(tmp_path)
+    g = torch.Generator().manual_seed(3)
+    inputs = [(torch.rand(2, 3, 32, 32, generator=g), text, torch.randn(7, generator=g),
+               torch.randn(1, 4, 7, generator=g)) for text in TEXTS]
+    before = [plain(model, *i) for i in inputs]
+    engine = FastVLA(model, FastConfig())
+    assert engine.tokens == (64 // 8) ** 2 // 16
+    for i, ref in zip(inputs, before):
+        torch.testing.assert_close(engine.step(*i), ref, atol=1e-5, rtol=1e-5)
+    reuse = FastVLA(model, FastConfig(reuse=True, reuse_max=0.5, refresh_every=100))
+    still = inputs[0]
+    reuse.step(*still)
+    torch.testing.assert_close(reuse.step(*still), before[0], atol=1e-5, rtol=1e-5)  # a still frame: exact
+    assert reuse.stats["partial"] == 1
