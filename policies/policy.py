@@ -14,11 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vla.artifact import Normalizer, load_artifact
+from vla.artifact import load_artifact
 from vla.errors import ObservationError, SpecMismatchError, brief
 from vla.fast import FastVLA
 from vla.policies.ensemble import make_selector
 from vla.spec import PolicySpec
+from vla.transforms import Normalizer, model_inputs
 
 # An instruction is a sentence: longer text is refused before the tokenizer reads it (a 16 MiB task
 # held a server for 13-17 s only to be truncated to max_text_tokens).
@@ -142,12 +143,8 @@ class Policy:
 
     def prepare(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A checked observation -> images (1, n_cam, 3, S, S) in [0, 1] and normalized state (1, state_dim)."""
-        images = torch.stack([torch.from_numpy(np.ascontiguousarray(obs[f"observation.images.{c}"]))
-                              for c in self.cameras])[None].to(self.device)
-        images = images.permute(0, 1, 4, 2, 3).float() / 255.0
-        state = self.norm.state(torch.as_tensor(np.asarray(obs["observation.state"], dtype=np.float32),
-                                                device=self.device)[None])
-        return images, state
+        keys = [f"observation.images.{c}" for c in self.cameras] + ["observation.state"]
+        return model_inputs({k: np.asarray(obs[k])[None] for k in keys}, self.cameras, self.norm, self.device)
 
     def act_chunk(self, obs: dict) -> np.ndarray:
         """A chunk (horizon x action_dim) of raw actions for this observation."""

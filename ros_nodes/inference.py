@@ -1,4 +1,5 @@
-"""The policy node's inference server: `vla serve` in a child process on a private ipc address.
+"""The policy node's inference server: `vla serve` in a child process on a private ipc address,
+given its ServeConfig as JSON on stdin (`python -m vla.jobs.serve`).
 
 The model runs outside the node's process, so its many small torch calls never hold the node's
 GIL against the control timer. The child is started with the thread count of `thread_env`;
@@ -8,6 +9,7 @@ stops answering, the node calls `restart()`, which waits its backoff first.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,6 +17,7 @@ import tempfile
 import time
 import uuid
 
+from vla.config import ServeConfig
 from vla.serving import PolicyClient
 
 
@@ -30,9 +33,10 @@ def thread_env(threads: int) -> dict:
 
 
 class LocalInferenceServer:
-    def __init__(self, policy: str, fast: str, threads: int, startup_timeout_s: float = 180.0,
+    def __init__(self, config: ServeConfig, startup_timeout_s: float = 180.0,
                  backoff_s: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)):
-        self.policy, self.fast, self.threads = policy, fast, threads
+        """config: what the server runs; its bind address is replaced by a private ipc one."""
+        self.config = config
         self.startup_timeout_s, self.backoff_s = startup_timeout_s, backoff_s
         self.process: subprocess.Popen | None = None
         self.address = ""
@@ -42,9 +46,11 @@ class LocalInferenceServer:
         """A new server process and a client of it; raises RuntimeError / TimeoutError if it does not come up."""
         self.stop()
         self.address = f"ipc://{tempfile.gettempdir()}/vla-policy-{uuid.uuid4().hex[:12]}"
-        cmd = [sys.executable, "-m", "vla.cli", "serve", "--bind", self.address, "--fast", self.fast]
-        self.process = subprocess.Popen(cmd + (["--policy", self.policy] if self.policy else []),
-                                        env=thread_env(self.threads))
+        config = dataclasses.replace(self.config, bind=self.address)
+        self.process = subprocess.Popen([sys.executable, "-m", "vla.jobs.serve"], stdin=subprocess.PIPE,
+                                        env=thread_env(config.threads), text=True)
+        self.process.stdin.write(config.to_json())
+        self.process.stdin.close()
         deadline = time.monotonic() + self.startup_timeout_s
         while True:
             try:

@@ -47,6 +47,7 @@ from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
+from vla.config import ServeConfig, fast_config
 from vla.ros_nodes.control import ChunkError, ChunkPlayer, SafetyFilter, check_chunk
 from vla.ros_nodes.inference import LocalInferenceServer
 from vla.serving import PolicyClient, ServerError
@@ -216,7 +217,8 @@ class PolicyNode(Node):
                         raise
         if path and not (Path(path) / "config.json").is_file():
             raise ValueError(f"policy: {path} is not a policy artifact (no config.json there)")
-        self._local = LocalInferenceServer(path, g("fast"), g("server_threads"))
+        config = ServeConfig(policy=path or None, fast=fast_config(g("fast")), threads=g("server_threads"))
+        self._local = LocalInferenceServer(config)
         return self._local.start()
 
     def _check_parameters(self, spec, g) -> None:

@@ -12,8 +12,8 @@ import sys
 
 import torch
 
-from vla.config import VLAConfig
-from vla.fast import FastConfig, FastVLA
+from vla.config import FastConfig, VLAConfig
+from vla.fast import FastVLA
 from vla.jobs.bench import fast_full_encode, matmul_floor, matmul_peak_gflops, median_seconds, record_rollout
 from vla.kernels import region_change
 from vla.model import VLA

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from vla.fast import FastConfig, fast_config, parse_fast_options
-from vla.jobs.bench import matmul_floor, record_matmuls
+from vla.config import FastConfig, ServeConfig, fast_config, parse_fast_options
+from vla.jobs.bench import CONFIGS, REFERENCE, PlainConfig, matmul_floor, record_matmuls
 
 
 def _two_matmuls():
@@ -44,3 +44,31 @@ def test_fast_opt_pairs_become_fast_config_options_and_bad_ones_are_named():
         fast_config("off", ["reuse_threshold=0.1"])
     with pytest.raises(ValueError, match="exclusive"):
         fast_config("prune", ["reuse=true"])
+
+
+def test_prune_keep_is_a_count_or_a_fraction_of_any_backbone_s_tokens():
+    assert FastConfig(prune_keep=0.5).kept_tokens(16) == 8 and FastConfig(prune_keep=0.5).kept_tokens(64) == 32
+    assert FastConfig(prune_keep=8).kept_tokens(64) == 8 and FastConfig().kept_tokens(64) == 0
+    for bad in (-1, 2.5):
+        with pytest.raises(ValueError, match="prune_keep"):
+            FastConfig(prune_keep=bad)
+
+
+def test_every_bench_configuration_is_a_typed_config():
+    """Configurations are PlainConfig / FastConfig objects, not labels the loop branches on."""
+    assert all(isinstance(c, (PlainConfig, FastConfig)) for c in CONFIGS.values())
+    assert CONFIGS[REFERENCE] == PlainConfig(prefix_cache=True)
+    assert CONFIGS["plain, no prefix cache"] == PlainConfig(prefix_cache=False)
+
+
+def test_a_serve_config_travels_as_json_and_bad_json_is_named():
+    cfg = ServeConfig(policy="runs/x/final", bind="ipc:///tmp/a", fast=FastConfig(reuse=True, refresh_every=4),
+                      threads=1)
+    assert ServeConfig.from_json(cfg.to_json()) == cfg
+    assert ServeConfig.from_json(ServeConfig(fast=None).to_json()).fast is None
+    with pytest.raises(ValueError, match="unknown serve config keys"):
+        ServeConfig.from_json('{"polcy": "x"}')
+    with pytest.raises(ValueError, match="unknown fast config keys"):
+        ServeConfig.from_json('{"fast": {"reuse_treshold": 1}}')
+    with pytest.raises(ValueError, match="JSON object"):
+        ServeConfig.from_json("[1]")

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from vla.config import VLAConfig
-from vla.fast import FastConfig, FastVLA, shuffle_groups
+from vla.config import FastConfig, VLAConfig
+from vla.fast import FastVLA, shuffle_groups
 from vla.kernels.denoise import sampler_update
 from vla.model import VLA
 from vla.tokenizer import build_tokenizer

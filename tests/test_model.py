@@ -80,10 +80,10 @@ def test_vision_path_equals_transformers_and_film_conditions_on_the_instruction(
     d["backbone"]["film"] = True
     model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(["press the red button", "press the blue button"]))
     bb = model.backbone
-    x = torch.rand(2, 2, 3, SIZE, SIZE) * 2 - 1
+    x = torch.rand(2, 2, 3, SIZE, SIZE)  # frames in [0, 1]; SigLIP's processor gives it 2x - 1
     ids, mask = bb.tokenize(["press the red button", "press the blue button"])
     instr = bb.instruction_embedding(ids, mask)
-    ref = bb.vlm.connector(bb.vlm.vision_model(pixel_values=x.flatten(0, 1)).last_hidden_state)
+    ref = bb.vlm.connector(bb.vlm.vision_model(pixel_values=x.flatten(0, 1) * 2 - 1).last_hidden_state)
     # zero-initialised FiLM is the identity: the direct path equals transformers' own forward
     assert torch.allclose(bb.image_tokens(x, instr), ref.reshape(2, -1, ref.shape[-1]), atol=1e-5)
     torch.nn.init.normal_(bb.film.weight, std=0.1)
@@ -205,6 +205,20 @@ def test_artifact_layout_and_save_load_same_actions(trained, tiny_dataset):
     assert torch.equal(weights[key], state[f"ema.{key}"]) and not torch.equal(weights[key], state[f"model.{key}"])
 
 
+def test_training_and_the_policy_give_the_model_the_same_inputs_for_one_frame(trained, tiny_dataset, tmp_path):
+    """One transform group: a dataset frame reaches the model identically through the trainer's batch
+    and through Policy.prepare of the same observation (images in [0, 1], normalized state)."""
+    _, final = trained
+    trainer = Trainer(tiny_cfg(), train_cfg(tiny_dataset, tmp_path / "t", augment=False), progress=False)
+    batch = trainer.make_batch(np.array([5]))
+    row = trainer.ds.batch(np.array([5]))
+    obs = {k: row[k][0] for k in ("observation.images.front", "observation.images.wrist", "observation.state")}
+    obs["task"] = trainer.ds.meta.tasks[int(row["task_index"][0])]
+    images, state = Policy.from_pretrained(final).prepare(obs)
+    assert torch.equal(images, batch["images"]) and torch.allclose(state, batch["state"])
+    assert images.dtype == torch.float32 and 0 <= images.min() and images.max() <= 1
+
+
 def test_an_artifacts_recipe_is_the_resolved_one_and_reruns_unchanged(trained, tiny_dataset):
     """recipe.yaml once stored the source YAML plus an `overrides:` list that `vla train` refused."""
     out, final = trained
@@ -319,8 +333,8 @@ def test_resume_continues_exactly(tiny_dataset, tmp_path, monkeypatch):
     resumed.run()
     for k, v in straight.model.state_dict().items():
         assert torch.allclose(v, resumed.model.state_dict()[k], atol=1e-6), k
-    for k, v in straight.ema.items():
-        assert torch.allclose(v, resumed.ema[k], atol=1e-6), k
+    for k, v in straight.ema.weights.items():
+        assert torch.allclose(v, resumed.ema.weights[k], atol=1e-6), k
     assert resumed.opt.state_dict()["state"][0]["step"] == straight.opt.state_dict()["state"][0]["step"]
     with pytest.raises(FileExistsError, match="--resume"):
         train(cfg, train_cfg(tiny_dataset, tmp_path / "b", steps=6), progress=False)
@@ -425,7 +439,7 @@ def test_ddp_two_gloo_processes_match_one_process(tiny_dataset, tmp_path):
 
 
 def test_batches_oversample_a_pool_deterministically():
-    from vla.jobs.train import Batches
+    from vla.training import Batches
 
     pool = np.concatenate([np.arange(10), [0, 1] * 3])  # frames 0 and 1 four times per epoch
     a = Batches(10, 4, seed=0, pool=pool)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from vla.fast import FastConfig
+from vla.config import FastConfig
 from vla.policies import ObservationError, Policy, shipped_policy
 from vla.policies.policy import MAX_TASK_CHARS
 

@@ -25,54 +25,9 @@ from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
 from vla.config import VLAConfig
 from vla.model import VLA, Backbone, add_lora
 from vla.spec import PolicySpec, SpecError
+from vla.transforms import Normalizer
 
 FORMAT_VERSION = 1
-ENV_STATE = "observation.environment_state"  # LeRobot's key; the keypoint head's targets
-
-
-class Normalizer:
-    """State: (x - mean) / std. Action: min/max -> [-1, 1] (the diffusion head clips to that range)."""
-
-    def __init__(self, stats: dict):
-        s, a = stats["observation.state"], stats["action"]
-        self.state_mean = torch.tensor(s["mean"], dtype=torch.float32)
-        self.state_std = torch.tensor(s["std"], dtype=torch.float32).clamp(min=1e-3)
-        self.action_min = torch.tensor(a["min"], dtype=torch.float32)
-        self.action_scale = (torch.tensor(a["max"], dtype=torch.float32) - self.action_min).clamp(min=1e-4)
-        k = stats.get(ENV_STATE)  # keypoint head's targets; artifacts before session 6 lack it
-        self.keypoint_mean = None if k is None else torch.tensor(k["mean"], dtype=torch.float32)
-        self.keypoint_std = None if k is None else torch.tensor(k["std"], dtype=torch.float32).clamp(min=1e-3)
-
-    @staticmethod
-    def stats_from_dataset(dataset_stats: dict, keypoints: bool = False) -> dict:
-        out = {"observation.state": {k: dataset_stats["observation.state"][k] for k in ("mean", "std")},
-               "action": {k: dataset_stats["action"][k] for k in ("min", "max")}}
-        if keypoints and ENV_STATE in dataset_stats:
-            out[ENV_STATE] = {k: dataset_stats[ENV_STATE][k] for k in ("mean", "std")}
-        return out
-
-    def state(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.state_mean.to(x.device)) / self.state_std.to(x.device)
-
-    def action(self, x: torch.Tensor) -> torch.Tensor:
-        return 2 * (x - self.action_min.to(x.device)) / self.action_scale.to(x.device) - 1
-
-    def unaction(self, x: torch.Tensor) -> torch.Tensor:
-        return (x + 1) / 2 * self.action_scale.to(x.device) + self.action_min.to(x.device)
-
-    def keypoints(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.keypoint_std.to(x.device) + self.keypoint_mean.to(x.device)
-
-    def keypoints_normalized(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.keypoint_mean.to(x.device)) / self.keypoint_std.to(x.device)
-
-
-def normalizer_with_dataset_keypoints(artifact: str | Path, dataset: str | Path) -> Normalizer:
-    """The artifact's Normalizer with the keypoint normalization of `dataset` (the one it was trained
-    on): for artifacts whose stats.json predates carrying it (before session 6)."""
-    stats = json.loads((Path(artifact) / "stats.json").read_text())
-    stats[ENV_STATE] = json.loads((Path(dataset) / "meta" / "stats.json").read_text())[ENV_STATE]
-    return Normalizer(stats)
 
 
 def save_artifact(path: str | Path, model, spec: PolicySpec, stats: dict, recipe: dict | None = None,

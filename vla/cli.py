@@ -11,7 +11,8 @@ import argparse
 import importlib
 import sys
 
-FAST_PRESETS = ["off", "on", "reuse", "prune"]  # vla.fast.FAST_PRESETS (a test keeps the two equal)
+from vla.config import FAST_PRESETS  # torch-free
+
 JOB_OF_NODE = "vla.ros_nodes.policy_node:cmd_node"
 EVAL_SEED_START = 1_000_000  # vla.sim.EVAL_SEED_START (a test keeps the two equal)
 
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the server's Z85 CURVE secret key (required off loopback; `vla keygen` makes one)")
     sv.add_argument("--curve-authorized-keys", default=None,
                     help="file of client public keys, one per line: only those clients are served")
-    sv.add_argument("--fast", choices=FAST_PRESETS, default="on")
+    sv.add_argument("--fast", choices=list(FAST_PRESETS), default="on")
     sv.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     sv.set_defaults(job="vla.jobs.serve:cmd_serve")
 
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--episodes", type=int, default=1, help="episodes per task")
     r.add_argument("--seed", type=int, default=EVAL_SEED_START)
     r.add_argument("--params", default=None, help="policy node YAML (default: configs/policy_node.yaml)")
-    r.add_argument("--fast", choices=FAST_PRESETS, default=None)
+    r.add_argument("--fast", choices=list(FAST_PRESETS), default=None)
     r.add_argument("--remote", default=None, help="use a running `vla serve` (tcp://host:port) for inference")
     r.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID for this run")
     r.add_argument("--duration", type=float, default=None,
@@ -123,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--out", default=None, help="results.json, success.png and videos go here")
     v.add_argument("--videos", type=int, default=2, help="episodes per task recorded as mp4")
     v.add_argument("--ensemble", choices=["queue", "temporal", "adaptive"], default="queue")
-    v.add_argument("--fast", choices=FAST_PRESETS, default="off",
-                   help="the real-time step (vla.fast): on, with token reuse, or with FastV pruning to 8 tokens")
+    v.add_argument("--fast", choices=list(FAST_PRESETS), default="off",
+                   help="the real-time step (vla.fast): on, with token reuse, or with FastV pruning to half the tokens")
     v.add_argument("--fast-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="a FastConfig option on top of --fast, e.g. reuse_threshold=0.05 (repeatable)")
     v.set_defaults(job="vla.jobs.evaluate:cmd_eval")

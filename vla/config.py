@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,95 @@ class VLAConfig:
         if cfg.n_action_steps > cfg.horizon:
             raise ValueError(f"n_action_steps {cfg.n_action_steps} > horizon {cfg.horizon}")
         return cfg
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    reuse: bool = False
+    reuse_threshold: float = 0.02  # mean |change| of a token's normalized pixels under which it may be reused
+    reuse_max: float = 0.75  # cap: at most this fraction of a camera's tokens reused in one step
+    reuse_keep_relevant: int = 2  # per camera, the most attended tokens are recomputed anyway
+    refresh_every: int = 8  # a full recompute every K steps bounds the drift
+    prune_keep: float = 0  # FastV: visual tokens kept per camera after layer prune_layer: a count
+    #                        (8), or a fraction of them below 1 (0.5, for any backbone); 0 = off
+    prune_layer: int = 1
+    compile: bool = False  # torch.compile the step
+    cuda_graph: bool = False  # CUDA only: capture each static shape of the step as a CUDA graph and replay it
+    kernels: str | None = None  # None: Triton on CUDA, torch elsewhere; "torch" / "triton" force one
+
+    def __post_init__(self):
+        if self.reuse and self.prune_keep:
+            raise ValueError("token reuse and FastV pruning are exclusive: pick one")
+        if self.prune_keep < 0 or (self.prune_keep >= 1 and self.prune_keep != int(self.prune_keep)):
+            raise ValueError(f"prune_keep must be a token count or a fraction in (0, 1), got {self.prune_keep}")
+        if not 0 <= self.reuse_max < 1:
+            raise ValueError(f"reuse_max must be in [0, 1), got {self.reuse_max}")
+        if self.cuda_graph and (self.compile or self.prune_keep):
+            raise ValueError("cuda_graph replays the eager step (Triton kernels included): without compile "
+                             "or FastV pruning")
+
+    def kept_tokens(self, tokens: int) -> int:
+        """FastV's visual tokens kept per camera out of `tokens` (0: pruning off)."""
+        return max(1, round(self.prune_keep * tokens)) if 0 < self.prune_keep < 1 else int(self.prune_keep)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FastConfig:
+        return _build(cls, d, "fast")
+
+
+# the real-time step's presets (`--fast` of vla eval / serve / run, the node's `fast` parameter)
+FAST_PRESETS = {"off": None, "on": FastConfig(), "reuse": FastConfig(reuse=True), "prune": FastConfig(prune_keep=0.5)}
+
+
+def parse_fast_options(pairs) -> dict:
+    """KEY=VALUE pairs (YAML values, `--fast-opt`) -> FastConfig fields; a bad key or value raises ValueError."""
+    known = sorted(f.name for f in dataclasses.fields(FastConfig))
+    opts = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise ValueError(f"--fast-opt {pair!r}: expected KEY=VALUE with KEY one of {known}")
+        opts[key] = yaml.safe_load(value)
+    FastConfig(**opts)  # a bad value or combination fails here, with FastConfig's own message
+    return opts
+
+
+def fast_config(preset: str = "on", pairs=()) -> FastConfig | None:
+    """A preset of FAST_PRESETS with `--fast-opt` pairs on top; None for "off"."""
+    if preset not in FAST_PRESETS:
+        raise ValueError(f"fast preset {preset!r} is not one of {list(FAST_PRESETS)}")
+    cfg = FAST_PRESETS[preset]
+    if pairs and cfg is None:
+        raise ValueError("--fast-opt sets options of the real-time step: give --fast on, reuse or prune")
+    return dataclasses.replace(cfg, **parse_fast_options(pairs)) if pairs else cfg
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What a policy server runs: `vla serve` builds it from its options, and the policy node hands
+    it (as JSON, `to_json` / `from_json`) to the server process it starts."""
+
+    policy: str | None = None  # an artifact directory; None: the shipped policy
+    bind: str = "tcp://127.0.0.1:5555"
+    fast: FastConfig | None = field(default_factory=FastConfig)  # None: the model's plain path
+    threads: int = 0  # torch threads; 0 keeps torch's choice
+    curve_secret_key_file: str | None = None
+    curve_authorized_keys: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError("a serve config is a JSON object")
+        fast = d.pop("fast", None)
+        cfg = _build(cls, d, "serve")
+        return dataclasses.replace(cfg, fast=None if fast is None else FastConfig.from_dict(fast))
 
 
 @dataclass(frozen=True)

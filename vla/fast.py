@@ -25,76 +25,24 @@ model's own SigLIP and Llama layers (projections, RoPE, MLPs) serve this path un
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import yaml
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
 
+from vla.config import FastConfig
 from vla.kernels import cached_attention, denoise_update, region_change
 from vla.kernels.attention import update_cache
-from vla.model import IMAGE_MEAN, IMAGE_STD, VLA
+from vla.model import VLA
 
 ATTN_NAME = "vla_cached"
-
-
-@dataclass(frozen=True)
-class FastConfig:
-    reuse: bool = False
-    reuse_threshold: float = 0.02  # mean |change| of a token's normalized pixels under which it may be reused
-    reuse_max: float = 0.75  # cap: at most this fraction of a camera's tokens reused in one step
-    reuse_keep_relevant: int = 2  # per camera, the most attended tokens are recomputed anyway
-    refresh_every: int = 8  # a full recompute every K steps bounds the drift
-    prune_keep: int = 0  # FastV: visual tokens kept per camera after layer prune_layer (0 = off)
-    prune_layer: int = 1
-    compile: bool = False  # torch.compile the step
-    cuda_graph: bool = False  # CUDA only: capture each static shape of the step as a CUDA graph and replay it
-    kernels: str | None = None  # None: Triton on CUDA, torch elsewhere; "torch" / "triton" force one
-
-    def __post_init__(self):
-        if self.reuse and self.prune_keep:
-            raise ValueError("token reuse and FastV pruning are exclusive: pick one")
-        if not 0 <= self.reuse_max < 1:
-            raise ValueError(f"reuse_max must be in [0, 1), got {self.reuse_max}")
-        if self.cuda_graph and (self.compile or self.prune_keep):
-            raise ValueError("cuda_graph replays the eager step (Triton kernels included): without compile "
-                             "or FastV pruning")
-
-
-# the real-time step's presets (`--fast` of vla eval / serve / run, the node's `fast` parameter)
-FAST_PRESETS = {"off": None, "on": FastConfig(), "reuse": FastConfig(reuse=True), "prune": FastConfig(prune_keep=8)}
-
-
-def parse_fast_options(pairs) -> dict:
-    """KEY=VALUE pairs (YAML values, `--fast-opt`) -> FastConfig fields; a bad key or value raises ValueError."""
-    known = sorted(f.name for f in dataclasses.fields(FastConfig))
-    opts = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in known:
-            raise ValueError(f"--fast-opt {pair!r}: expected KEY=VALUE with KEY one of {known}")
-        opts[key] = yaml.safe_load(value)
-    FastConfig(**opts)  # a bad value or combination fails here, with FastConfig's own message
-    return opts
-
-
-def fast_config(preset: str = "on", pairs=()) -> FastConfig | None:
-    """A preset of FAST_PRESETS with `--fast-opt` pairs on top; None for "off"."""
-    if preset not in FAST_PRESETS:
-        raise ValueError(f"fast preset {preset!r} is not one of {list(FAST_PRESETS)}")
-    cfg = FAST_PRESETS[preset]
-    if pairs and cfg is None:
-        raise ValueError("--fast-opt sets options of the real-time step: give --fast on, reuse or prune")
-    return dataclasses.replace(cfg, **parse_fast_options(pairs)) if pairs else cfg
 
 
 class _Clock:
@@ -192,8 +140,10 @@ class FastVLA:
         self.text_len = bb.cfg.max_text_tokens
         self.prefix = self.text_len + self.n_cam * self.tokens + 1
         self.groups = shuffle_groups(self.side, self.scale).to(self.device)
-        if cfg.prune_keep and not (0 < cfg.prune_keep <= self.tokens and 0 <= cfg.prune_layer < tc.num_hidden_layers - 1):
-            raise ValueError(f"prune_keep must be in 1..{self.tokens} and prune_layer < {tc.num_hidden_layers - 1}")
+        self.kept = cfg.kept_tokens(self.tokens)  # FastV's tokens per camera (0: off)
+        if self.kept and not (self.kept <= self.tokens and 0 <= cfg.prune_layer < tc.num_hidden_layers - 1):
+            raise ValueError(f"prune_keep must be in 1..{self.tokens} or a fraction, and prune_layer < "
+                             f"{tc.num_hidden_layers - 1}")
 
         vm, lm = vlm.vision_model, vlm.text_model
         self.vision_layers, self.lm_layers = list(vm.encoder.layers), list(lm.layers)
@@ -343,7 +293,7 @@ class FastVLA:
         return s[self.text_len: self.text_len + self.n_cam * self.tokens].view(self.n_cam, self.tokens)
 
     def _prune(self, slot: KVSlot) -> torch.Tensor:
-        return self._attention_to_visual(slot).topk(self.cfg.prune_keep, dim=1).indices.sort(dim=1).values
+        return self._attention_to_visual(slot).topk(self.kept, dim=1).indices.sort(dim=1).values
 
     def _write_head_rows(self, h_final, pos):
         m = self.model.head.memory_proj(h_final.float())
@@ -402,7 +352,7 @@ class FastVLA:
         h = torch.cat([torch.cat(feats), state_token.to(feats[0].dtype)])[None]
         pos = torch.cat([pos_img, self.state_pos])[None]
         full = all(len(t) == self.tokens for t in toks)
-        prune = self.cfg.prune_layer if (self.cfg.prune_keep and full) else None
+        prune = self.cfg.prune_layer if (self.kept and full) else None
         pos = self._run_lm(h, pos, self.key_valid, prune)
         self._write_head_rows(self._last_lm_out, pos)
         if self.kp_mods is not None:  # ada is linear: ada(time + kp) = ada(time) + W kp
@@ -431,7 +381,7 @@ class FastVLA:
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """(n_cam, 3, S, S) in [0, 1] -> normalized at the vision encoder's size."""
-        return self.model.backbone.to_encoder_size((images - IMAGE_MEAN) / IMAGE_STD)
+        return self.model.backbone.preprocess(images)
 
     def select(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per camera, the tokens to recompute this step: all of them, or (reuse) a fixed number."""

@@ -22,8 +22,7 @@ from transformers import AutoTokenizer, Idefics3Config, Idefics3Model
 
 from vla.config import BackboneConfig, HeadConfig, VLAConfig
 from vla.kernels.denoise import sampler_update
-
-IMAGE_MEAN, IMAGE_STD = 0.5, 0.5  # SigLIP's normalization, as SmolVLM's processor uses
+from vla.transforms import normalize_images
 
 
 def nano_idefics3_config(b: BackboneConfig, vocab_size: int, pad_id: int, image_token_id: int) -> Idefics3Config:
@@ -93,8 +92,9 @@ class Backbone(nn.Module):
         m = text_mask[..., None].to(emb.dtype)
         return (emb * m).sum(1) / m.sum(1).clamp(min=1)
 
-    def to_encoder_size(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) normalized frames -> the vision encoder's input size."""
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) frames in [0, 1] -> normalized, at the vision encoder's input size."""
+        x = normalize_images(x)
         if x.shape[-1] != self.vision_size:
             x = F.interpolate(x, size=(self.vision_size, self.vision_size), mode="bilinear",
                               align_corners=False, antialias=True)
@@ -106,12 +106,12 @@ class Backbone(nn.Module):
         return self.film(instruction).view(len(instruction), vc.num_hidden_layers, 2, 1, vc.hidden_size)
 
     def image_tokens(self, images: torch.Tensor, instruction: torch.Tensor | None = None) -> torch.Tensor:
-        """images: (B, n_cam, 3, S, S) normalized -> (B, n_cam * tokens_per_image, hidden).
+        """images: (B, n_cam, 3, S, S) in [0, 1] -> (B, n_cam * tokens_per_image, hidden).
 
         Runs SigLIP's layers directly (every patch is valid: square images of the encoder's size),
         which equals `vision_model(...)` and lets FiLM modulate each layer's input."""
         b, n = images.shape[:2]
-        x = self.to_encoder_size(images.flatten(0, 1))
+        x = self.preprocess(images.flatten(0, 1))
         vm = self.vlm.vision_model
         emb = vm.embeddings
         h = emb.patch_embedding(x).flatten(2).transpose(1, 2)
@@ -350,11 +350,10 @@ class VLA(nn.Module):
                state: torch.Tensor, state_keep: torch.Tensor | None = None, return_memory: bool = False):
         """images (B, n_cam, 3, H, W) in [0, 1]; state normalized (B, state_dim). `state_keep` (B,)
         bool, training only: where False the state token is zero (no state), not a projection of one."""
-        x = (images - IMAGE_MEAN) / IMAGE_STD
         state_token = self.state_proj(state)
         if state_keep is not None:
             state_token = state_token * state_keep[:, None].to(state_token.dtype)
-        memory, mask = self.backbone(input_ids, text_mask, x, state_token)
+        memory, mask = self.backbone(input_ids, text_mask, images, state_token)
         # keypoint_cond: the head sees the predicted keypoints, detached so the action loss leaves
         # the keypoint head to its own supervision (what it reads at inference is what it trained on)
         kp = self.keypoints_from_memory(memory).detach() if self.cfg.keypoint_cond else None

@@ -14,25 +14,36 @@ import json
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from vla.fast import FastConfig, FastVLA, parse_fast_options, visual_tokens_per_camera
+from vla.config import FastConfig, parse_fast_options
+from vla.fast import FastVLA
 from vla.kernels.attention import cached_attention, cached_attention_ref
 from vla.kernels.denoise import denoise_update, denoise_update_ref, sampler_update
 from vla.kernels.frame_diff import region_change, region_change_ref
 from vla.policies import Policy, shipped_policy
 from vla.sim import EVAL_SEED_START, make_env
 
-CONFIGS = {
-    "plain, no prefix cache": None,  # the backbone re-runs at every denoising step
-    "plain + prefix cache": None,  # VLA.encode once, VLA.sample: the training-time path
+
+@dataclass(frozen=True)
+class PlainConfig:
+    """The model's own path (VLA.encode + VLA.sample); without the prefix cache the backbone re-runs
+    at every denoising step, as a loop that does not cache it pays."""
+    prefix_cache: bool = True
+
+
+REFERENCE = "plain + prefix cache"  # the exact path every configuration's actions are compared with
+CONFIGS: dict[str, PlainConfig | FastConfig] = {
+    "plain, no prefix cache": PlainConfig(prefix_cache=False),
+    REFERENCE: PlainConfig(),  # the training-time path
     "fast (text K/V, fused kernels)": FastConfig(),
     "fast + token reuse": FastConfig(reuse=True),
-    "fast + FastV keep 50%": "prune",
+    "fast + FastV keep 50%": FastConfig(prune_keep=0.5),
     "fast + compile": FastConfig(compile=True),
     "fast + token reuse + compile": FastConfig(reuse=True, compile=True),
     "fast + CUDA graph": FastConfig(cuda_graph=True),  # CUDA only
@@ -79,12 +90,12 @@ def record_rollout(policy, task: str, steps: int, seed: int) -> list[dict]:
     return frames
 
 
-def _plain_step(model, images, ids, mask, state, noise, cache_prefix: bool, timings: dict):
+def _plain_step(model, images, ids, mask, state, noise, cfg: PlainConfig, timings: dict):
     """The model's own path. Its preprocessing (normalize, resize) happens inside encode, so it
     counts in the backbone here."""
     device = images.device
     t0 = time.perf_counter()
-    if cache_prefix:
+    if cfg.prefix_cache:
         cache = model.encode(images[None], ids, mask, state[None])
         _sync(device)
         backbone = time.perf_counter() - t0
@@ -208,16 +219,15 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     reference = None
     for name in configs or list(CONFIGS):
         cfg = CONFIGS[name]
-        if isinstance(cfg, FastConfig) and cfg.cuda_graph and device.type != "cuda":
+        fast = isinstance(cfg, FastConfig)
+        if fast and cfg.cuda_graph and device.type != "cuda":
             continue
-        if cfg == "prune":
-            cfg = FastConfig(prune_keep=max(1, visual_tokens_per_camera(model) // 2))
-        if isinstance(cfg, FastConfig) and fast_opts:
+        if fast and fast_opts:
             cfg = dataclasses.replace(cfg, **fast_opts)
         # one compiled engine per process, as in use: the previous configuration's compiled graphs
         # would otherwise stay in dynamo's cache, and every later call would check their guards first
         torch._dynamo.reset()
-        engine = FastVLA(model, cfg, device) if cfg is not None else None
+        engine = FastVLA(model, cfg, device) if fast else None
         stages = {k: [] for k in ("preprocess", "backbone", "head", "total")}
         outs = []
         t_compile = time.perf_counter()
@@ -226,7 +236,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
                 timings: dict = {}
                 t0 = time.perf_counter()
                 if engine is None:
-                    out = _plain_step(model, images, ids, mask, state, noise, name != "plain, no prefix cache", timings)
+                    out = _plain_step(model, images, ids, mask, state, noise, cfg, timings)
                 else:
                     engine.timings = timings
                     out = engine.step(images, text, state, noise)
@@ -243,7 +253,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
         entry["warmup_s"] = t_compile
         if engine is not None:
             entry["engine_stats"] = dict(engine.stats)
-        if reference is None and name == "plain + prefix cache":
+        if reference is None and name == REFERENCE:
             reference = outs
         if reference is not None:
             err = torch.stack([(a - b).abs().max() for a, b in zip(outs, reference)])
@@ -266,7 +276,7 @@ def run_bench(policy_dir, task: str = "pick_cube", steps: int = 60, warmup: int 
     for name, entry in result["configs"].items():
         # FLOPs of the work each path does on a full step: the fast path skips the (cached) text
         # tokens; with token reuse this is the effective rate (a partial step does less)
-        work = gflop if name.startswith("plain") else fast_gflop
+        work = fast_gflop if isinstance(CONFIGS[name], FastConfig) else gflop
         entry["backbone_fraction_of_peak"] = work / (entry["backbone"]["median_ms"] / 1e3) / peak
     return result
 

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from vla.artifact import ArtifactError
-from vla.fast import FastConfig, fast_config
+from vla.config import FastConfig, fast_config
 from vla.policies import Policy, SpecMismatchError, shipped_policy
 from vla.sim import make_env
 from vla.sim.env import CAMERAS

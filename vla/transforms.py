@@ -1,0 +1,93 @@
+"""Observation -> model inputs and model output -> actions: the one set of transforms that training
+(`vla.jobs.train`) and inference (`Policy`, the fast engine, the bench) all run.
+
+    camera frames   uint8 (..., H, W, 3)  --frames_to_unit-->  float (..., 3, H, W) in [0, 1]
+                    (training only: `augment`)  --Backbone.preprocess (SigLIP's mean/std, the
+                    encoder's size)-->  the vision encoder
+    state           raw  --Normalizer.state-->  (x - mean) / std
+    action chunk    raw  <--Normalizer.unaction--  the model's [-1, 1]
+
+`model_inputs` applies the first two to a batch of observations keyed as LeRobot names them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+ENV_STATE = "observation.environment_state"  # LeRobot's key; the keypoint head's targets
+IMAGE_MEAN, IMAGE_STD = 0.5, 0.5  # SigLIP's normalization, as SmolVLM's processor uses
+
+
+class Normalizer:
+    """State: (x - mean) / std. Action: min/max -> [-1, 1] (the diffusion head clips to that range)."""
+
+    def __init__(self, stats: dict):
+        s, a = stats["observation.state"], stats["action"]
+        self.state_mean = torch.tensor(s["mean"], dtype=torch.float32)
+        self.state_std = torch.tensor(s["std"], dtype=torch.float32).clamp(min=1e-3)
+        self.action_min = torch.tensor(a["min"], dtype=torch.float32)
+        self.action_scale = (torch.tensor(a["max"], dtype=torch.float32) - self.action_min).clamp(min=1e-4)
+        k = stats.get(ENV_STATE)  # keypoint head's targets; artifacts before session 6 lack it
+        self.keypoint_mean = None if k is None else torch.tensor(k["mean"], dtype=torch.float32)
+        self.keypoint_std = None if k is None else torch.tensor(k["std"], dtype=torch.float32).clamp(min=1e-3)
+
+    @staticmethod
+    def stats_from_dataset(dataset_stats: dict, keypoints: bool = False) -> dict:
+        out = {"observation.state": {k: dataset_stats["observation.state"][k] for k in ("mean", "std")},
+               "action": {k: dataset_stats["action"][k] for k in ("min", "max")}}
+        if keypoints and ENV_STATE in dataset_stats:
+            out[ENV_STATE] = {k: dataset_stats[ENV_STATE][k] for k in ("mean", "std")}
+        return out
+
+    def state(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.state_mean.to(x.device)) / self.state_std.to(x.device)
+
+    def action(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * (x - self.action_min.to(x.device)) / self.action_scale.to(x.device) - 1
+
+    def unaction(self, x: torch.Tensor) -> torch.Tensor:
+        return (x + 1) / 2 * self.action_scale.to(x.device) + self.action_min.to(x.device)
+
+    def keypoints(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.keypoint_std.to(x.device) + self.keypoint_mean.to(x.device)
+
+    def keypoints_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.keypoint_mean.to(x.device)) / self.keypoint_std.to(x.device)
+
+
+def frames_to_unit(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 (..., H, W, 3) -> float (..., 3, H, W) in [0, 1]."""
+    return frames.movedim(-1, -3).float() / 255.0
+
+
+def normalize_images(x: torch.Tensor) -> torch.Tensor:
+    """[0, 1] -> the vision encoder's input range."""
+    return (x - IMAGE_MEAN) / IMAGE_STD
+
+
+def model_inputs(batch: dict, cameras, normalizer: Normalizer, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of observations ('observation.images.<camera>' uint8 (B, H, W, 3) and 'observation.state'
+    (B, state_dim) in raw units, numpy arrays) -> images (B, n_cam, 3, H, W) in [0, 1] and the
+    normalized state (B, state_dim), on `device`."""
+    frames = torch.stack([torch.from_numpy(np.ascontiguousarray(batch[f"observation.images.{c}"])) for c in cameras], 1)
+    state = torch.from_numpy(np.asarray(batch["observation.state"], dtype=np.float32))
+    return frames_to_unit(frames.to(device)), normalizer.state(state.to(device))
+
+
+def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Training only: random shift (pad by edge replication, random crop) and color jitter; images
+    (B, n, 3, H, W) in [0, 1]."""
+    b, n, c, h, w = images.shape
+    x = images.reshape(b * n, c, h, w)
+    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+    ox = torch.randint(0, 2 * pad + 1, (b * n,))
+    oy = torch.randint(0, 2 * pad + 1, (b * n,))
+    rows = (oy[:, None] + torch.arange(h)[None]).to(x.device)
+    cols = (ox[:, None] + torch.arange(w)[None]).to(x.device)
+    x = x[torch.arange(b * n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    brightness = 1 + (torch.rand(b * n, 1, 1, 1, device=x.device) - 0.5) * 0.3
+    contrast = 1 + (torch.rand(b * n, 1, 1, 1, device=x.device) - 0.5) * 0.3
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * contrast + mean) * brightness
+    return x.clamp(0, 1).reshape(b, n, c, h, w)
