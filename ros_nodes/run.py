@@ -87,7 +87,8 @@ def run(tasks: list[str], episodes: int = 1, seed: int = EVAL_SEED_START, params
             else:
                 sim = sims[task] = SimRobotNode(task, seed=seed, episodes=episodes, image_size=spec.image_size,
                                                 cameras=spec.cameras, command_type=node.command_type,
-                                                joint_names=node.joint_names)
+                                                joint_names=node.joint_names,
+                                                node_name=f"vla_sim_robot_{task}")  # one name per live node
             executor = SingleThreadedExecutor()
             executor.add_node(node)
             executor.add_node(sim)

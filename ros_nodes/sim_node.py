@@ -33,8 +33,8 @@ class SimRobotNode(Node):
     def __init__(self, task: str = "pick_cube", seed: int = EVAL_SEED_START, episodes: int = 1, image_size: int = 96,
                  cameras=("front", "wrist"), image_topic_prefix: str = "/camera", command_topic: str = "/command",
                  command_type: str = "trajectory", joint_names=DEFAULT_JOINTS, instruction_topic: str = "/instruction",
-                 policy_reset_service: str = "/vla_policy/reset"):
-        super().__init__("vla_sim_robot")
+                 policy_reset_service: str = "/vla_policy/reset", node_name: str = "vla_sim_robot"):
+        super().__init__(node_name)
 
         self.env = make_env(task, image_size=image_size, cameras=tuple(cameras))
         self.cameras, self.joint_names = list(cameras), list(joint_names)
