@@ -19,7 +19,7 @@ from vla.errors import ObservationError, SpecMismatchError, brief
 from vla.fast import FastVLA
 from vla.policies.ensemble import make_selector
 from vla.spec import PolicySpec
-from vla.transforms import Normalizer, model_inputs
+from vla.transforms import Normalizer, fit_frames, model_inputs
 
 # An instruction is a sentence: longer text is refused before the tokenizer reads it (a 16 MiB task
 # held a server for 13-17 s only to be truncated to max_text_tokens).
@@ -105,14 +105,15 @@ class Policy:
 
     # --- model calls ---
     def _check(self, obs: dict) -> None:
-        s = self._spec.image_size
         for cam in self.cameras:
             key = f"observation.images.{cam}"
             if key not in obs:
                 raise ObservationError(f"observation lacks {key!r} (the policy expects cameras {self.cameras})")
             img = np.asarray(obs[key])
-            if img.shape != (s, s, 3) or img.dtype != np.uint8:
-                raise ObservationError(f"{key} must be uint8 {s}x{s}x3, got {img.dtype} {img.shape}")
+            sizes = self._spec.frame_sizes(cam)
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or img.shape[:2] not in sizes:
+                want = " or ".join(f"{h}x{w}x3" for h, w in sizes)
+                raise ObservationError(f"{key} must be uint8 {want}, got {img.dtype} {img.shape}")
         try:
             with np.errstate(over="ignore"):  # a float64 past float32's range becomes inf: refused below
                 state = np.asarray(obs.get("observation.state", ()), dtype=np.float32)
@@ -143,8 +144,11 @@ class Policy:
 
     def prepare(self, obs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A checked observation -> images (1, n_cam, 3, S, S) in [0, 1] and normalized state (1, state_dim)."""
-        keys = [f"observation.images.{c}" for c in self.cameras] + ["observation.state"]
-        return model_inputs({k: np.asarray(obs[k])[None] for k in keys}, self.cameras, self.norm, self.device)
+        s, fit = self._spec.image_size, self._spec.image_fit
+        batch = {f"observation.images.{c}": fit_frames(np.asarray(obs[f"observation.images.{c}"])[None], s, fit)
+                 for c in self.cameras}
+        batch["observation.state"] = np.asarray(obs["observation.state"])[None]
+        return model_inputs(batch, self.cameras, self.norm, self.device)
 
     def act_chunk(self, obs: dict) -> np.ndarray:
         """A chunk (horizon x action_dim) of raw actions for this observation."""

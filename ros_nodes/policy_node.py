@@ -70,19 +70,20 @@ def stamp_s(msg) -> float:
     return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
 
 
-def image_to_array(msg: Image, size: int) -> np.ndarray:
-    """rgb8 / bgr8 of the expected size, rows possibly padded (step > width * 3) -> uint8 HxWx3 RGB;
-    anything else raises ValueError."""
+def image_to_array(msg: Image, sizes: list[tuple[int, int]]) -> np.ndarray:
+    """rgb8 / bgr8 of one of the expected (H, W) sizes, rows possibly padded (step > width * 3) ->
+    uint8 HxWx3 RGB; anything else raises ValueError."""
     if msg.encoding not in ("rgb8", "bgr8"):
         raise ValueError(f"encoding {msg.encoding!r} (expected rgb8 or bgr8)")
-    if msg.height != size or msg.width != size:
-        raise ValueError(f"size {msg.width}x{msg.height} (expected {size}x{size})")
+    if (msg.height, msg.width) not in sizes:
+        want = " or ".join(f"{w}x{h}" for h, w in sizes)
+        raise ValueError(f"size {msg.width}x{msg.height} (expected {want})")
     row = msg.width * 3
     if msg.step < row or len(msg.data) != msg.height * msg.step:
         raise ValueError(f"data of {len(msg.data)} bytes with step {msg.step} for {msg.width}x{msg.height} rgb "
                          f"(needs step >= {row} and height * step bytes)")
     rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
-    img = rows.reshape(size, size, 3)
+    img = rows.reshape(msg.height, msg.width, 3)
     return img[..., ::-1].copy() if msg.encoding == "bgr8" else img.copy()
 
 
@@ -131,7 +132,8 @@ class PolicyNode(Node):
         self._local = None
         self.policy = policy if policy is not None else self._load_policy(g)
         spec = self.policy.spec
-        self.cameras, self.size = list(spec.cameras), spec.image_size
+        self.cameras = list(spec.cameras)
+        self.frame_sizes = {c: spec.frame_sizes(c) for c in self.cameras}
         self.horizon, self.action_dim = spec.horizon, spec.action_dim
         self.joint_names = list(g("joint_names"))
         try:
@@ -272,7 +274,7 @@ class PolicyNode(Node):
         return value, stamp, now
 
     def _on_image(self, cam: str, msg: Image) -> None:
-        got = self._accept(f"image_{cam}", msg, lambda: image_to_array(msg, self.size))
+        got = self._accept(f"image_{cam}", msg, lambda: image_to_array(msg, self.frame_sizes[cam]))
         if got is None:
             return
         with self.lock:

@@ -51,7 +51,7 @@ def test_round_trip_equals_the_rollout(dataset):
         assert np.array_equal(ds.env_state[sl], arrays["observation.environment_state"])
         for cam in ("front", "wrist"):
             key = f"observation.images.{cam}"
-            err = np.abs(ds.images[key][sl].astype(int) - arrays[key].astype(int))
+            err = np.abs(ds.frames(key, np.arange(sl.start, sl.stop)).astype(int) - arrays[key].astype(int))
             assert err.mean() < 4.0, (key, err.mean())  # h264 / yuv420p tolerance
             assert np.percentile(err, 95) < 20
 
@@ -166,7 +166,8 @@ def test_append_with_other_features_is_refused_and_writes_nothing(dataset, tmp_p
     (lambda r: _edit_info(r, lambda i: i["features"]["observation.images.front"].update(shape=[64, 64, 3])),
      r"features\['observation.images.front'\].shape"),
     (lambda r: _edit_info(r, lambda i: i.pop("fps")), r"missing field\(s\) \['fps'\]"),
-    (lambda r: _edit_info(r, lambda i: i.update(codebase_version="v2.1")), r"not v3"),
+    (lambda r: _edit_info(r, lambda i: i.update(codebase_version="v1.6")), r"not v3.x, v2.1 or v2.0"),
+    (lambda r: _edit_info(r, lambda i: i.update(codebase_version="v2.1")), r"file missing: .*tasks.jsonl"),
     (lambda r: (r / "meta/info.json").write_text("{oops"), r"info.json: invalid JSON"),
     (lambda r: pd.DataFrame({"task_index": [0]}, index=pd.Index(["only one"], name="task"))
      .to_parquet(r / "meta/tasks.parquet"), r"data rows use task_index \[[1-9][0-9, ]*\] that meta/tasks.parquet does not define"),
@@ -224,7 +225,7 @@ def test_variants_per_seed_gives_the_same_scene_under_different_instructions(tmp
     assert [e["sim_seed"] for e in eps] == [7, 7, 7] and sorted(e["sim_variant"] for e in eps) == [0, 1, 2]
     assert len({e["tasks"][0] for e in eps}) == 3
     starts = [int(s) for s in ds.ep_start]
-    front = ds.images["observation.images.front"].astype(int)
+    front = ds.frames("observation.images.front", np.arange(len(ds))).astype(int)
     for i in starts[1:]:  # same layout: equal start state, first frames equal up to the video codec
         assert np.array_equal(ds.state[starts[0]], ds.state[i])
         assert np.abs(front[starts[0]] - front[i]).mean() < 3.0

@@ -14,7 +14,7 @@ from vla.tokenizer import build_tokenizer
 
 SIZE = 32
 TINY = {
-    "cameras": ["front", "wrist"], "image_size": SIZE, "horizon": 4, "n_action_steps": 2,
+    "cameras": ["front", "wrist"], "image_size": SIZE, "state_dim": 7, "action_dim": 7, "horizon": 4, "n_action_steps": 2,
     "backbone": {"image_size": 32, "patch_size": 4, "scale_factor": 2, "vision_hidden": 32, "vision_layers": 2,
                  "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 3, "text_heads": 4,
                  "text_kv_heads": 2, "text_mlp": 128, "max_text_tokens": 8, "film": True},

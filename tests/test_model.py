@@ -24,7 +24,7 @@ from vla.tokenizer import build_tokenizer
 
 SIZE = 32
 TINY = {
-    "cameras": ["front", "wrist"], "image_size": SIZE, "horizon": 4, "n_action_steps": 2,
+    "cameras": ["front", "wrist"], "image_size": SIZE, "state_dim": 7, "action_dim": 7, "horizon": 4, "n_action_steps": 2,
     "backbone": {"image_size": 32, "patch_size": 8, "scale_factor": 2, "vision_hidden": 32, "vision_layers": 1,
                  "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 2, "text_heads": 2,
                  "text_kv_heads": 1, "text_mlp": 128, "max_text_tokens": 8},
@@ -411,6 +411,8 @@ def test_shipped_recipes_build(name):
     a wrong key or width fails here, not an hour into a run."""
     model_cfg, cfg = load_recipe(CONFIGS / name)
     assert cfg.steps > 0 and cfg.batch_size > 0
+    assert model_cfg.unresolved() == ["cameras", "state_dim", "action_dim"]  # the robot is the dataset's
+    model_cfg = dataclasses.replace(model_cfg, cameras=("front", "wrist"), state_dim=7, action_dim=7)
     model = VLA.build(model_cfg, build_tokenizer(["pick up the red cube"]))
     assert model.cfg == model_cfg and sum(p.numel() for p in model.parameters()) > 1e6
 

@@ -56,10 +56,14 @@ class HeadConfig:
 class VLAConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     head: HeadConfig = field(default_factory=HeadConfig)
-    cameras: tuple[str, ...] = ("front", "wrist")
-    image_size: int = 64  # camera frames as the env / robot delivers them
-    state_dim: int = 7
-    action_dim: int = 7
+    # The robot: None takes it from the training dataset's meta/info.json (`vla train` stores the
+    # resolved values); a value the dataset contradicts is an error, never dropped or padded.
+    cameras: tuple[str, ...] | None = None  # None: every camera of the dataset, in its order
+    image_size: int | None = None  # the model's square frames; None: the dataset's frames where they
+    #                                are all one square size, else the backbone's input size
+    image_fit: str = "pad"  # frames of another size or aspect: "pad" (letterbox), "crop" (centre), "resize"
+    state_dim: int | None = None
+    action_dim: int | None = None
     horizon: int = 16  # actions per chunk
     n_action_steps: int = 8  # actions executed before re-planning
     keypoints: int = 0  # >0: an auxiliary head predicts the dataset's observation.environment_state
@@ -88,7 +92,13 @@ class VLAConfig:
             raise ValueError(f"head.loss must be mse or l1, got {cfg.head.loss!r}")
         if cfg.n_action_steps > cfg.horizon:
             raise ValueError(f"n_action_steps {cfg.n_action_steps} > horizon {cfg.horizon}")
+        if cfg.image_fit not in ("pad", "crop", "resize"):
+            raise ValueError(f"image_fit must be pad, crop or resize, got {cfg.image_fit!r}")
         return cfg
+
+    def unresolved(self) -> list[str]:
+        """The robot fields still left to the dataset (a model cannot be built before they are set)."""
+        return [k for k in ("cameras", "image_size", "state_dim", "action_dim") if getattr(self, k) is None]
 
 
 @dataclass(frozen=True)
@@ -213,6 +223,7 @@ class TrainConfig:
     #                         repeated (Diffusion Policy's way); off masks them out (ACT's). Demos end
     #                         at success, so masked, what a chunk does after "let go" is never taught
     threads: int = 0  # torch threads on CPU; 0 keeps torch's default
+    cache_mb: float = 4096  # decoded camera frames kept in memory; a larger dataset is read in windows
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

@@ -332,6 +332,9 @@ class VLA(nn.Module):
 
     @classmethod
     def build(cls, cfg: VLAConfig, tokenizer=None) -> VLA:
+        if cfg.unresolved():
+            raise ValueError(f"model config leaves {cfg.unresolved()} to the dataset: train it with vla train "
+                             "(which reads them from meta/info.json) or set them")
         if cfg.backbone.pretrained:
             backbone = Backbone.pretrained(cfg.backbone)
         else:

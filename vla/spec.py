@@ -16,7 +16,7 @@ class SpecError(ValueError):
 @dataclass(frozen=True)
 class PolicySpec:
     cameras: tuple[str, ...]  # observation.images.<camera>, in the model's order
-    image_size: int  # every camera's frames, square, uint8 HxWx3
+    image_size: int  # the model's frames, square, uint8 HxWx3
     state_dim: int
     action_dim: int
     horizon: int  # rows of a chunk
@@ -25,6 +25,9 @@ class PolicySpec:
     state_names: tuple[str, ...] | None = None
     action_names: tuple[str, ...] | None = None
     robot_type: str | None = None
+    frame_shapes: dict[str, tuple[int, int]] | None = None  # camera -> (H, W) it was recorded at, where
+    #                                                          not image_size x image_size: fitted to it
+    image_fit: str = "pad"  # how such frames are fitted: vla.transforms.fit_frames
 
     def __post_init__(self):
         if not self.cameras or len(set(self.cameras)) != len(self.cameras):
@@ -37,6 +40,13 @@ class PolicySpec:
             raise SpecError(f"n_action_steps {self.n_action_steps} exceeds the horizon {self.horizon}")
         if not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool) or not self.fps > 0:
             raise SpecError(f"fps must be a positive number, got {self.fps!r}")
+        if self.image_fit not in ("pad", "crop", "resize"):
+            raise SpecError(f"image_fit must be pad, crop or resize, got {self.image_fit!r}")
+        if self.frame_shapes is not None:
+            ok = (isinstance(self.frame_shapes, dict) and set(self.frame_shapes) <= set(self.cameras)
+                  and all(len(v) == 2 and all(type(x) is int and x > 0 for x in v) for v in self.frame_shapes.values()))
+            if not ok:
+                raise SpecError(f"frame_shapes must map cameras to [height, width], got {self.frame_shapes!r}")
         for names, dim in ((self.state_names, self.state_dim), (self.action_names, self.action_dim)):
             if names is not None and len(names) != dim:
                 raise SpecError(f"{len(names)} channel names for {dim} channels: {list(names)}")
@@ -56,11 +66,23 @@ class PolicySpec:
                 if not isinstance(d[key], (list, tuple)) or not all(isinstance(n, str) for n in d[key]):
                     raise SpecError(f"{key} must be a list of names, got {d[key]!r}")
                 d[key] = tuple(d[key])
+        if isinstance(d.get("frame_shapes"), dict):
+            d["frame_shapes"] = {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d["frame_shapes"].items()}
         return cls(**d)
 
     def to_dict(self) -> dict:
         """JSON-ready (lists for tuples): spec.json and the wire."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        if self.frame_shapes is not None:
+            d["frame_shapes"] = {k: list(v) for k, v in self.frame_shapes.items()}
+        return d
+
+    def frame_sizes(self, camera: str) -> list[tuple[int, int]]:
+        """The (H, W) a camera's frames may arrive at: the model's square, and the size recorded in
+        training where that differs (fitted by the policy as the reader fitted it)."""
+        sizes = [(self.image_size, self.image_size)]
+        recorded = (self.frame_shapes or {}).get(camera)
+        return sizes + [tuple(recorded)] if recorded and tuple(recorded) not in sizes else sizes
 
     def observation_keys(self) -> set[str]:
         return {f"observation.images.{c}" for c in self.cameras} | {"observation.state", "task"}

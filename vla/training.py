@@ -1,8 +1,10 @@
 """The pieces of a training run, each readable alone; `vla.jobs.train.Trainer` is the loop over them.
 
+    resolve_model_config   the recipe's robot fields (cameras, frame size, dims) from the dataset
     TrainingData    the dataset (and keypoint-only scenes), checked against the recipe; normalization
                     stats, the policy spec, the data order and the model's batches
-    Batches         a deterministic, resumable data order
+    Batches         a deterministic, resumable data order (in windows of episodes when the frame
+                    cache cannot hold the whole dataset)
     make_optimizer  AdamW with per-group learning rate / weight decay, warmup + cosine schedule
     EMA             the exponential moving average of the weights (what artifacts store)
     Checkpoints     checkpoint directories: a full artifact (EMA weights) + the training state
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -22,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from vla.artifact import save_artifact
 from vla.config import TrainConfig, VLAConfig
-from vla.dataset import DatasetError, LeRobotDataset
+from vla.dataset import DatasetError, DatasetMeta, LeRobotDataset
 from vla.spec import PolicySpec
 from vla.tokenizer import build_tokenizer
 from vla.transforms import Normalizer, augment, model_inputs
@@ -35,18 +38,38 @@ class Batches:
     every w-th index. The position (epoch, pos) is saved in checkpoints."""
 
     def __init__(self, n: int, batch_size: int, seed: int, rank: int = 0, world: int = 1,
-                 pool: np.ndarray | None = None):
-        """`pool`: the sample indices of one epoch (with repeats for oversampling); default range(n)."""
+                 pool: np.ndarray | None = None, episode_of: np.ndarray | None = None, window: int = 0):
+        """`pool`: the sample indices of one epoch (with repeats for oversampling); default range(n).
+        `window` > 0 (with `episode_of`, each sample's episode): the epoch visits episodes in a
+        shuffled order, `window` frames' worth at a time, shuffling samples within each window, so
+        a frame cache of that size decodes every episode once per epoch."""
         self.pool = np.arange(n) if pool is None else np.asarray(pool)
         n = len(self.pool)
         self.n, self.bs, self.seed, self.rank, self.world = n, batch_size // world, seed, rank, world
         if self.bs < 1:
             raise ValueError(f"batch_size {batch_size} is smaller than the number of processes {world}")
+        self.episode_of, self.window = episode_of, window
         self.epoch, self.pos = 0, 0
         self._perm()
 
+    def _windowed(self, rng: np.random.Generator) -> np.ndarray:
+        eps = self.episode_of[self.pool]
+        order, windows, size = rng.permutation(int(eps.max()) + 1), [[]], 0
+        members = {int(e): np.flatnonzero(eps == e) for e in np.unique(eps)}
+        for e in order:
+            m = members.get(int(e))
+            if m is None:
+                continue
+            if size and size + len(m) > self.window:
+                windows.append([])
+                size = 0
+            windows[-1].append(m)
+            size += len(m)
+        return np.concatenate([rng.permutation(np.concatenate(w)) for w in windows])
+
     def _perm(self):
-        full = np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        full = self._windowed(rng) if self.window and self.episode_of is not None else rng.permutation(self.n)
         per_rank = self.n // self.world
         self.order = full[self.rank::self.world][:per_rank]
 
@@ -73,14 +96,61 @@ def _require_keypoints(ds: LeRobotDataset, path: str, size: int, hint: str) -> N
                            f"feature of that size ({hint})")
 
 
+def _channel_names(feature: dict) -> tuple[str, ...] | None:
+    """LeRobot writes names as a list, or as {"motors": [...]} (older datasets)."""
+    names = feature.get("names")
+    if isinstance(names, dict):
+        names = next(iter(names.values()), None)
+    return tuple(names) if isinstance(names, list) and len(names) == feature["shape"][0] else None
+
+
 def make_spec(model_cfg: VLAConfig, ds: LeRobotDataset) -> PolicySpec:
     feats = ds.meta.features
-    names = {k: tuple(feats[k]["names"]) if feats[k].get("names") else None for k in ("observation.state", "action")}
+    names = {k: _channel_names(feats[k]) for k in ("observation.state", "action")}
+    recorded = {c: tuple(feats[f"observation.images.{c}"]["shape"][:2]) for c in model_cfg.cameras}
+    recorded = {c: s for c, s in recorded.items() if s != (model_cfg.image_size, model_cfg.image_size)}
     return PolicySpec(cameras=tuple(model_cfg.cameras), image_size=model_cfg.image_size,
                       state_dim=model_cfg.state_dim, action_dim=model_cfg.action_dim, horizon=model_cfg.horizon,
                       n_action_steps=model_cfg.n_action_steps, fps=ds.meta.fps,
                       state_names=names["observation.state"], action_names=names["action"],
-                      robot_type=ds.meta.info.get("robot_type"))
+                      robot_type=ds.meta.info.get("robot_type"), frame_shapes=recorded or None,
+                      image_fit=model_cfg.image_fit)
+
+
+def _camera_sizes(meta: DatasetMeta, keys) -> set[tuple[int, int]]:
+    return {tuple(meta.features[k]["shape"][:2]) for k in keys}
+
+
+def resolve_model_config(model_cfg: VLAConfig, meta: DatasetMeta) -> VLAConfig:
+    """The recipe with its robot fields taken from the dataset where it leaves them (None), and one
+    DatasetError where it names what the dataset lacks or contradicts."""
+    info = meta.root / "meta" / "info.json"
+    feats = meta.features
+    for key in ("observation.state", "action"):
+        if key not in feats:
+            raise DatasetError(f"{info}: features lack {key!r}")
+    names = [k.removeprefix("observation.images.") for k in meta.camera_keys]
+    cameras = tuple(model_cfg.cameras) if model_cfg.cameras is not None else tuple(names)
+    missing = [c for c in cameras if c not in names]
+    if missing or not cameras:
+        raise DatasetError(f"{info}: the recipe's model.cameras {list(cameras)} are not all cameras of the "
+                           f"dataset, which has {names}")
+    dims = {}
+    for field, key in (("state_dim", "observation.state"), ("action_dim", "action")):
+        shape = feats[key]["shape"]
+        if len(shape) != 1:
+            raise DatasetError(f"{info}: {key} has shape {shape}; a vector is expected")
+        given = getattr(model_cfg, field)
+        if given is not None and given != shape[0]:
+            raise DatasetError(f"the recipe's model.{field}={given} but {info} gives {key} {shape[0]} "
+                               "channels: remove it from the recipe (it is read from the dataset) or fix it")
+        dims[field] = shape[0]
+    image_size = model_cfg.image_size
+    if image_size is None:
+        sizes = _camera_sizes(meta, [f"observation.images.{c}" for c in cameras])
+        h, w = next(iter(sizes))
+        image_size = h if len(sizes) == 1 and h == w else model_cfg.backbone.image_size
+    return dataclasses.replace(model_cfg, cameras=cameras, image_size=image_size, **dims)
 
 
 class TrainingData:
@@ -88,36 +158,38 @@ class TrainingData:
     rows idx (and, with train.keypoint_dataset, keypoint-only scenes appended)."""
 
     def __init__(self, model_cfg: VLAConfig, cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1):
-        self.model_cfg, self.cfg, self.device = model_cfg, cfg, device
-        self.ds = LeRobotDataset(cfg.dataset, horizon=model_cfg.horizon, cameras=list(model_cfg.cameras))
-        shape = self.ds.images[self.ds.video_keys[0]].shape[1:3]
-        if shape != (model_cfg.image_size, model_cfg.image_size):
-            raise DatasetError(f"{cfg.dataset}: camera frames are {shape[0]}x{shape[1]} but the model config "
-                               f"says image_size={model_cfg.image_size}")
+        """model_cfg as the recipe gives it; `self.model_cfg` is it resolved against the dataset."""
+        self.cfg, self.device = cfg, device
+        self.model_cfg = model_cfg = resolve_model_config(model_cfg, DatasetMeta(cfg.dataset))
+        self.ds = self._open(cfg.dataset, model_cfg.horizon)
         self.train_keypoints = model_cfg.keypoints > 0
         if self.train_keypoints:
             _require_keypoints(self.ds, cfg.dataset, model_cfg.keypoints, "vla collect records one")
-        dataset_stats = json.loads((Path(cfg.dataset) / "meta" / "stats.json").read_text())
-        self.stats = Normalizer.stats_from_dataset(dataset_stats, self.train_keypoints)
+        self.stats = Normalizer.stats_from_dataset(self.ds.meta.stats, self.train_keypoints)
         self.norm = Normalizer(self.stats)
         self.spec = make_spec(model_cfg, self.ds)
         pool = None
         if cfg.early_frames > 0 and cfg.early_repeat > 1:
             early = np.flatnonzero(self.ds.frame_index < cfg.early_frames)
             pool = np.concatenate([np.arange(len(self.ds))] + [early] * (cfg.early_repeat - 1))
-        self.batches = Batches(len(self.ds), cfg.batch_size, cfg.seed, rank, world, pool)
+        # a dataset the frame cache cannot hold is visited in windows of episodes it can
+        window = 0 if self.ds.cache_frames >= len(self.ds) else max(1, self.ds.cache_frames // 2)
+        self.batches = Batches(len(self.ds), cfg.batch_size, cfg.seed, rank, world, pool,
+                               episode_of=self.ds.frame_episode, window=window)
         self.kp_ds = None
         if cfg.keypoint_dataset:
             if not self.train_keypoints:
                 raise ValueError("train.keypoint_dataset needs model.keypoints > 0")
-            self.kp_ds = LeRobotDataset(cfg.keypoint_dataset, horizon=1, cameras=list(model_cfg.cameras))
+            self.kp_ds = self._open(cfg.keypoint_dataset, 1)
             _require_keypoints(self.kp_ds, cfg.keypoint_dataset, model_cfg.keypoints,
                                "vla collect --scenes-only records one")
-            kp_shape = self.kp_ds.images[self.kp_ds.video_keys[0]].shape[1:3]
-            if kp_shape != shape:
-                raise DatasetError(f"{cfg.keypoint_dataset}: frames are {kp_shape}, the demonstrations' {shape}")
             self.kp_batches = Batches(len(self.kp_ds), cfg.keypoint_batch, cfg.seed + 1, rank, world)
         self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _open(self, root: str, horizon: int) -> LeRobotDataset:
+        c = self.model_cfg
+        return LeRobotDataset(root, horizon=horizon, cameras=list(c.cameras), image_size=c.image_size,
+                              image_fit=c.image_fit, cache_mb=self.cfg.cache_mb)
 
     def tokenizer(self):
         """A tokenizer of the dataset's instructions, for a backbone trained from scratch."""

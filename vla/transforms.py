@@ -8,15 +8,48 @@
     action chunk    raw  <--Normalizer.unaction--  the model's [-1, 1]
 
 `model_inputs` applies the first two to a batch of observations keyed as LeRobot names them.
+A camera's frames of another size or aspect are first brought to the model's square frame size by
+`fit_frames` (the recipe's `image_fit`), in the dataset reader for training and in the policy for
+inference: the same function on the same uint8 frames.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ENV_STATE = "observation.environment_state"  # LeRobot's key; the keypoint head's targets
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5  # SigLIP's normalization, as SmolVLM's processor uses
+IMAGE_FITS = ("pad", "crop", "resize")
+
+
+def fit_frames(frames: np.ndarray, size: int, fit: str = "pad") -> np.ndarray:
+    """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3). "pad": scaled to fit, centred on black (the
+    whole view, aspect kept: openpi's resize_with_pad); "crop": the centred square, scaled; "resize":
+    scaled to the square (aspect changed). Frames already size x size come back unchanged."""
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"image_fit must be one of {IMAGE_FITS}, got {fit!r}")
+    n, h, w = frames.shape[:3]
+    if (h, w) == (size, size):
+        return frames
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()
+    if fit == "crop":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        x = x[:, :, top:top + side, left:left + side]
+        h = w = side
+    if fit == "pad":
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+    else:
+        nh = nw = size
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+    if (nh, nw) != (size, size):
+        top, left = (size - nh) // 2, (size - nw) // 2
+        x = F.pad(x, (left, size - nw - left, top, size - nh - top))
+    return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 class Normalizer:

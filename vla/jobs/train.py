@@ -51,9 +51,9 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.out = Path(cfg.output_dir)
-        recipe = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
-
         self.data = TrainingData(model_cfg, cfg, self.device, self.rank, self.world)
+        self.model_cfg = model_cfg = self.data.model_cfg  # the robot fields resolved from the dataset
+        recipe = {"model": model_cfg.to_dict(), "train": asdict(cfg)}
         self.ds, self.spec, self.norm = self.data.ds, self.data.spec, self.data.norm
         self.artifact = {"spec": self.spec, "stats": self.data.stats, "recipe": recipe, "recipe_note": source}
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
