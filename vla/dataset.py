@@ -520,7 +520,9 @@ class LeRobotDataset:
             if feats[k]["dtype"] == "video":
                 self._check_videos(k)
         frame_bytes = sum(int(np.prod(self.frame_shape(k))) * 3 for k in self.camera_keys)
-        self.cache = FrameCache(int(cache_mb * 2 ** 20))
+        longest = int((self.ep_end - self.ep_start).max())
+        # the cache holds whole episodes: at least two of the longest, or a batch would thrash it
+        self.cache = FrameCache(max(int(cache_mb * 2 ** 20), 2 * longest * frame_bytes))
         self.cache_frames = self.cache.max_bytes // max(1, frame_bytes)
         self._column: tuple | None = None  # (data file, camera key, its image column): the last one read
 

@@ -5,6 +5,7 @@ libsvtav1); the writer's codec is a choice (libx264 by default, libx265, libsvta
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import av
@@ -37,6 +38,7 @@ class VideoWriter:
             self._stream.options = {"crf": str(crf), "preset": "veryfast",
                                     "x265-params": f"keyint={gop}:min-keyint={gop}:log-level=error"}
         else:  # libsvtav1, as LeRobot encodes
+            os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration otherwise
             self._stream.options = {"crf": str(crf + 12), "g": str(gop), "preset": "12"}
         self.frames = 0
 
