@@ -93,7 +93,7 @@ def graph():
     os.environ["ROS_DOMAIN_ID"] = str(100 + os.getpid() % 100)
     rclpy.init()
     node = PolicyNode(joint_upper=UPPER, max_step=0.05, watchdog_timeout=0.4, status_rate=10.0)
-    robot = Robot(node.size)
+    robot = Robot(node.policy.spec.image_size)
     executor = SingleThreadedExecutor()  # callbacks are sub-ms; rclpy's multi-threaded executor adds jitter
     executor.add_node(node)
     executor.add_node(robot)
