@@ -4,6 +4,7 @@ For sizing a run before spending hours on it.
 
     .venv/bin/python scripts/train_throughput.py configs/nano_diffusion_2h.yaml 32 32 [key=value ...]
 """
+import dataclasses
 import sys
 import time
 
@@ -17,6 +18,9 @@ from vla.tokenizer import build_tokenizer
 def main(recipe: str, demo: int, scene: int, overrides: list[str]) -> None:
     torch.set_num_threads(2)
     mc, _ = load_recipe(recipe, overrides)
+    # the robot the recipe leaves to its dataset: the project's sim arm (two cameras, 7 channels)
+    mc = dataclasses.replace(mc, cameras=mc.cameras or ("front", "wrist"), state_dim=mc.state_dim or 7,
+                             action_dim=mc.action_dim or 7, image_size=mc.image_size or mc.backbone.image_size)
     torch.manual_seed(0)
     model = VLA.build(mc, build_tokenizer(["pick up the red cube"]))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
