@@ -2,7 +2,16 @@
 # Sets up a fresh Debian machine: EGL/OSMesa for MuJoCo's offscreen rendering, a virtual
 # environment in .venv, torch's CPU build (pinned: an unpinned torch pulls a multi-GB CUDA build),
 # and this package with its dev tools and the ROS2 wheels (rclpy 9). Safe to run again.
+# --metaworld also makes .venv-metaworld: MetaWorld 3.1.1 pins mujoco 3.3.0, so it gets its own
+# environment (no torch), which `vla collect/eval --suite metaworld` start as an env server.
 set -euo pipefail
+METAWORLD=0
+for arg in "$@"; do
+    case "$arg" in
+        --metaworld) METAWORLD=1 ;;
+        *) echo "usage: bash scripts/setup.sh [--metaworld]" >&2; exit 2 ;;
+    esac
+done
 cd "$(dirname "$0")/.."
 
 if ! ldconfig -p | grep -q "libEGL_mesa.so.0" || ! ldconfig -p | grep -q "libOSMesa.so"; then
@@ -29,3 +38,11 @@ quiet .venv/bin/python -m pip install -q --upgrade pip
 quiet .venv/bin/python -m pip install -q torch==2.13.0
 quiet .venv/bin/python -m pip install -q -e ".[dev,ros]"
 .venv/bin/python -c "import torch, mujoco, rclpy, zmq, vla.sim; print('setup ok: torch', torch.__version__, 'mujoco', mujoco.__version__)"
+
+if [ "$METAWORLD" = 1 ]; then
+    [ -x .venv-metaworld/bin/python ] || python3 -m venv .venv-metaworld
+    quiet .venv-metaworld/bin/python -m pip install -q --upgrade pip
+    quiet .venv-metaworld/bin/python -m pip install -q "metaworld==3.1.1" "mujoco==3.3.0" packaging pyzmq msgpack pyyaml
+    quiet .venv-metaworld/bin/python -m pip install -q --no-deps -e .
+    .venv-metaworld/bin/python -c "import metaworld, mujoco, vla.serving.env_server; print('metaworld ok: mujoco', mujoco.__version__)"
+fi

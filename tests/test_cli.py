@@ -35,9 +35,10 @@ def test_help_needs_no_torch():
 
 def test_the_command_lines_copies_match_the_library():
     from vla import cli
+    from vla.jobs.suites import SUITES
     from vla.sim import EVAL_SEED_START
 
-    assert cli.EVAL_SEED_START == EVAL_SEED_START
+    assert cli.EVAL_SEED_START == EVAL_SEED_START and tuple(cli.SUITES) == SUITES
 
 
 def test_every_subcommand_names_a_function_that_exists():

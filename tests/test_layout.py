@@ -17,7 +17,7 @@ ALLOWED = {
     "vla.sim": {"vla.sim"},
     CORE: {CORE, "vla.kernels"},
     "vla.policies": {"vla.policies", CORE, "vla.kernels"},
-    "vla.serving": {"vla.serving", CORE},
+    "vla.serving": {"vla.serving", CORE, "vla.sim"},  # the env server runs a suite's env (MetaWorld)
     "vla.jobs": {"vla.jobs", "vla.policies", "vla.serving", "vla.sim", CORE, "vla.kernels"},
     "vla.ros_nodes": {"vla.ros_nodes", "vla.serving", "vla.sim", CORE},
     "vla.cli": {"vla.jobs", "vla.policies", "vla.serving", "vla.sim", CORE, "vla.kernels", "vla.ros_nodes"},

@@ -13,6 +13,7 @@ import sys
 
 from vla.config import FAST_PRESETS  # torch-free
 
+SUITES = ["tabletop", "metaworld"]  # vla.jobs.suites.SUITES (a test keeps the two equal)
 JOB_OF_NODE = "vla.ros_nodes.policy_node:cmd_node"
 EVAL_SEED_START = 1_000_000  # vla.sim.EVAL_SEED_START (a test keeps the two equal)
 
@@ -32,12 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(job="vla.jobs.evaluate:cmd_demo")
 
     c = sub.add_parser("collect", help="expert demonstrations -> LeRobotDataset v3")
-    c.add_argument("--tasks", default="all", help="all, or task names / ids, comma-separated")
+    c.add_argument("--suite", choices=SUITES, default="tabletop",
+                   help="tabletop (this project's sim) or metaworld (its own environment: setup.sh --metaworld)")
+    c.add_argument("--tasks", default="all",
+                   help="tabletop: all, or task names / ids; metaworld: MT10, MT50, easy / medium / hard / "
+                        "very_hard, or task names (reach-v3); comma-separated")
     c.add_argument("--episodes", type=int, required=True, help="successful episodes per task")
     c.add_argument("--out", required=True)
     c.add_argument("--workers", type=int, default=2)
     c.add_argument("--image-size", type=int, default=96)
-    c.add_argument("--cameras", default="front,wrist")
+    c.add_argument("--cameras", default="front,wrist", help="tabletop cameras (metaworld: its corner2 camera)")
     c.add_argument("--seed", type=int, default=0, help="first episode seed of each task")
     c.add_argument("--variants-per-seed", type=int, default=1,
                    help="collect each seed's scene under this many different instructions")
@@ -116,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--resume", action="store_true")
     t.set_defaults(job="vla.jobs.train:cmd_train")
 
-    v = sub.add_parser("eval", help="policy success in the sim tasks, with 95%% intervals")
+    v = sub.add_parser("eval", help="policy success in a suite's tasks, with 95%% intervals")
     v.add_argument("--policy", required=True, help="artifact directory")
-    v.add_argument("--tasks", default="all", help="all, or task names / ids, comma-separated")
+    v.add_argument("--suite", choices=SUITES, default="tabletop", help="tabletop, or metaworld (setup.sh --metaworld)")
+    v.add_argument("--tasks", default=None,
+                   help="tabletop: all (default), or task names / ids; metaworld: MT10 (default), MT50, a "
+                        "difficulty group, or task names; comma-separated")
     v.add_argument("--episodes", type=int, default=50, help="episodes per task")
     v.add_argument("--workers", type=int, default=2)
     v.add_argument("--out", default=None, help="results.json, success.png and videos go here")

@@ -9,6 +9,9 @@ never used here.
 With `variants_per_seed` k > 1 each seed's scene is collected under k different instructions (the
 layout is the same, the named target differs): contrastive pairs that make the instruction the
 only way to tell the trajectories apart.
+
+`suite="metaworld"` rolls out MetaWorld's own scripted experts instead (in its environment, see
+vla.jobs.suites): one camera, the 4-d hand state, 4-d actions, 80 fps.
 """
 
 from __future__ import annotations
@@ -22,34 +25,28 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vla.dataset import DatasetError, DatasetWriter, video_feature
-from vla.sim import make_env
-from vla.sim.env import CAMERAS, CONTROL_HZ
-from vla.sim.experts import run_expert_episode
-from vla.sim.ik import ARM_JOINTS
-from vla.sim.tasks import TASKS, resolve_task, resolve_tasks
+from vla.dataset import DatasetError, DatasetWriter
+from vla.jobs.suites import expert_episode, make_suite_env, suite_cameras, suite_dataset, suite_tasks
+from vla.serving.env_client import EnvServerError
+from vla.sim.env import CAMERAS
+from vla.sim.tasks import TASKS
 
-STATE_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]
-KEYPOINT_NAMES = ["target.x", "target.y", "target.z", "goal.x", "goal.y", "goal.z"]
-_ENVS: dict = {}
+_ENVS: dict = {}  # a worker's envs, one per (suite, task, image size, cameras)
 
 
 def dataset_features(image_size: int, cameras=CAMERAS) -> dict:
-    feats = {f"observation.images.{c}": video_feature(image_size, image_size, CONTROL_HZ) for c in cameras}
-    feats["observation.state"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
-    feats["action"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
-    feats["observation.environment_state"] = {"dtype": "float32", "shape": [6], "names": KEYPOINT_NAMES}
-    return feats
+    """The tabletop suite's features (cameras, 7-d state and action, the keypoints)."""
+    return suite_dataset("tabletop", image_size, cameras)[1]
 
 
 def _rollout(job):
     """Worker: one expert episode -> arrays, or None if the expert failed. A scene-only job records
     just the first frame (arm at home) with its keypoints; its action repeats the state."""
 
-    task, seed, variant, image_size, cameras, scenes_only = job
-    key = (task, image_size, cameras)
+    task, seed, variant, image_size, cameras, scenes_only, suite = (*job, "tabletop")[:7]
+    key = (suite, task, image_size, cameras)
     if key not in _ENVS:
-        _ENVS[key] = make_env(task, image_size=image_size, cameras=cameras)
+        _ENVS[key] = make_suite_env(suite, task, image_size, cameras)
     env = _ENVS[key]
     options = None if variant < 0 else {"variant": variant}
     if scenes_only:
@@ -57,13 +54,14 @@ def _rollout(job):
         obs = {**obs, "observation.environment_state": env.task.keypoints()}
         success, frames = True, [(obs, obs["observation.state"].copy())]
     else:
-        success, length, frames = run_expert_episode(env, seed, record=True, options=options)
+        success, frames = expert_episode(suite, env, seed, options)
     if not success:
         return task, seed, variant, None
     out = {f"observation.images.{c}": np.stack([o[f"observation.images.{c}"] for o, _ in frames])
            for c in cameras}
     for key in ("observation.state", "observation.environment_state"):
-        out[key] = np.stack([o[key] for o, _ in frames])
+        if key in frames[0][0]:
+            out[key] = np.stack([o[key] for o, _ in frames])
     out["action"] = np.stack([a for _, a in frames])
     return task, seed, variant, (out, frames[0][0]["task"])
 
@@ -73,21 +71,23 @@ def _seed_jobs(task: str, seed: int, k: int) -> list[tuple[int, int]]:
     variants in an order fixed by the seed."""
     if k <= 1:
         return [(seed, -1)]
-    n = len(TASKS[task]().variants())
+    n = len(TASKS[task]().variants()) if task in TASKS else 1
     return [(seed, int(v)) for v in np.random.default_rng(seed).permutation(n)[:k]]
 
 
 def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, image_size: int = 96,
             cameras=CAMERAS, seed: int = 0, episodes_per_file: int = 100, progress: bool = True,
-            variants_per_seed: int = 1, scenes_only: bool = False) -> dict:
+            variants_per_seed: int = 1, scenes_only: bool = False, suite: str = "tabletop") -> dict:
     """Collect `episodes` successful expert episodes per task into `out`. Returns a summary.
 
     `scenes_only`: one-frame episodes of the start scene instead (no expert), cheap enough to have
     thousands of layouts; for the keypoint loss only (`train.keypoint_dataset`), never for actions."""
-    tasks = [resolve_task(t) for t in tasks]
-    cameras = tuple(cameras)
-    writer = DatasetWriter(out, CONTROL_HZ, dataset_features(image_size, cameras), robot_type="vla_arm6",
-                           episodes_per_file=episodes_per_file)
+    tasks = suite_tasks(suite, tasks)
+    if suite != "tabletop" and (variants_per_seed > 1 or scenes_only):
+        raise ValueError("--variants-per-seed and --scenes-only are the tabletop suite's")
+    cameras = tuple(cameras) if suite == "tabletop" else suite_cameras(suite)
+    fps, features, robot_type = suite_dataset(suite, image_size, cameras)
+    writer = DatasetWriter(out, fps, features, robot_type=robot_type, episodes_per_file=episodes_per_file)
     done = {t: set() for t in tasks}
     for e in writer.episodes:
         if e.get("sim_task") in done:
@@ -107,7 +107,7 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
                 while need > 0:
                     for s, v in _seed_jobs(t, next_seed[t], variants_per_seed):
                         if (s, v) not in done[t] and need > 0:
-                            jobs.append((t, s, v, image_size, cameras, scenes_only))
+                            jobs.append((t, s, v, image_size, cameras, scenes_only, suite))
                             need -= 1
                     next_seed[t] += 1
             if not jobs:
@@ -134,10 +134,11 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
 # --- `vla collect` ---
 def cmd_collect(args) -> int:
     try:
-        summary = collect(args.out, resolve_tasks(args.tasks), args.episodes, workers=args.workers,
+        summary = collect(args.out, args.tasks, args.episodes, workers=args.workers,
                           image_size=args.image_size, cameras=args.cameras.split(","), seed=args.seed,
-                          variants_per_seed=args.variants_per_seed, scenes_only=args.scenes_only)
-    except (DatasetError, ValueError) as e:
+                          variants_per_seed=args.variants_per_seed, scenes_only=args.scenes_only,
+                          suite=args.suite)
+    except (DatasetError, ValueError, EnvServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

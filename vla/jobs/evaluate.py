@@ -1,4 +1,5 @@
-"""`vla eval`: policy rollouts in the sim tasks, success with 95 % Wilson intervals.
+"""`vla eval`: policy rollouts in a suite's tasks (the tabletop sim, or MetaWorld), success with 95 %
+Wilson intervals.
 
 Seeds are pinned: episode k of a task uses seed EVAL_SEED_START + k, disjoint from the training
 seeds `vla collect` uses. Episodes of a task can run in parallel processes (each loads the artifact).
@@ -20,11 +21,14 @@ from tqdm import tqdm
 
 from vla.artifact import ArtifactError
 from vla.config import FastConfig, fast_config
+from vla.jobs.suites import make_suite_env, suite_tasks
 from vla.policies import Policy, SpecMismatchError, shipped_policy
+from vla.serving.env_client import EnvServerError
 from vla.sim import make_env
 from vla.sim.env import CAMERAS
 from vla.sim.experts import ScriptedExpert
-from vla.sim.tasks import EVAL_SEED_START, TASKS, resolve_task, resolve_tasks
+from vla.sim.metaworld_tasks import MT10
+from vla.sim.tasks import EVAL_SEED_START, TASKS, resolve_tasks
 from vla.video import write_video
 
 
@@ -42,7 +46,8 @@ def run_episode(policy, env, seed: int, record: bool = False, video_size: int = 
     """One rollout: (success, steps, inference ms list, frames)."""
     obs, info = env.reset(seed=seed)
     policy.reset(seed)
-    frames = [env.render_camera("front", video_size)] if record else []
+    camera = "front" if "front" in env.cameras else env.cameras[0]  # the video's
+    frames = [env.render_camera(camera, video_size)] if record else []
     infer_ms = []
     for _ in range(env.max_episode_steps):
         action = policy.act(obs)
@@ -50,26 +55,26 @@ def run_episode(policy, env, seed: int, record: bool = False, video_size: int = 
             infer_ms.append(policy.last_infer_ms)
         obs, _, terminated, truncated, info = env.step(action)
         if record:
-            frames.append(env.render_camera("front", video_size))
+            frames.append(env.render_camera(camera, video_size))
         if terminated or truncated:
             break
     return bool(info["success"]), env.steps, infer_ms, frames
 
 
 def _worker(job):
-    policy_path, task, seeds, record_seeds, threads, ensemble, fast = job
+    policy_path, task, seeds, record_seeds, threads, ensemble, fast, suite = job
     torch.set_num_threads(threads)
     policy = Policy.from_pretrained(policy_path, ensemble=ensemble, fast=fast)
-    return _rollouts(policy, task, seeds, record_seeds, make_env)
+    return _rollouts(policy, task, seeds, record_seeds, suite)
 
 
-def _rollouts(policy, task, seeds, record_seeds, make_env):
+def _rollouts(policy, task, seeds, record_seeds, suite="tabletop"):
     spec = policy.spec
     missing = [c for c in spec.cameras if c not in CAMERAS]
-    if missing:
+    if suite == "tabletop" and missing:
         raise SpecMismatchError(f"policy spec does not match the environment: cameras {missing} "
                                 f"are not in the sim (it has {list(CAMERAS)})")
-    env = make_env(task, image_size=spec.image_size, cameras=tuple(spec.cameras))
+    env = make_suite_env(suite, task, spec.image_size, spec.cameras)
     policy.check_compatible(env.cameras, env.image_size, env.action_space.shape[0],
                             env.observation_space["observation.state"].shape[0])
     out = []
@@ -83,11 +88,12 @@ def _rollouts(policy, task, seeds, record_seeds, make_env):
 
 def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str | Path | None = None,
              videos: int = 2, seed_start: int = EVAL_SEED_START, progress: bool = True,
-             ensemble: str = "queue", fast: FastConfig | None = None) -> dict:
+             ensemble: str = "queue", fast: FastConfig | None = None, suite: str = "tabletop") -> dict:
     """`policy`: an artifact path (required for workers > 1) or a Policy object. `fast`: the
-    real-time step's FastConfig instead of the plain model path."""
+    real-time step's FastConfig instead of the plain model path. `tasks`: the suite's names
+    (default: every tabletop task, MetaWorld's MT10)."""
 
-    tasks = [resolve_task(t) for t in (tasks or list(TASKS))]
+    tasks = suite_tasks(suite, tasks or (MT10 if suite == "metaworld" else list(TASKS)))
     seeds = list(range(seed_start, seed_start + episodes))
     record = set(seeds[:videos]) if out else set()
     t0 = time.perf_counter()
@@ -99,7 +105,7 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
         # at least two jobs per worker, so that short tasks do not leave a worker idle
         chunks_per_task = max(1, math.ceil(2 * workers / len(tasks)))
         per_job = max(1, math.ceil(episodes / chunks_per_task))
-        jobs = [(str(policy), t, seeds[i:i + per_job], record, 1, ensemble, fast)
+        jobs = [(str(policy), t, seeds[i:i + per_job], record, 1, ensemble, fast, suite)
                 for t in tasks for i in range(0, episodes, per_job)]
         with mp.get_context("spawn").Pool(workers) as pool:
             for res in pool.imap_unordered(_worker, jobs):
@@ -110,12 +116,12 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
             policy = Policy.from_pretrained(policy, ensemble=ensemble, fast=fast)
         for t in tasks:
             for s in seeds:
-                results.extend(_rollouts(policy, t, [s], record, make_env))
+                results.extend(_rollouts(policy, t, [s], record, suite))
                 bar.update(1)
     bar.close()
     wall = time.perf_counter() - t0
 
-    summary = {"episodes_per_task": episodes, "seed_start": seed_start, "wall_s": wall, "tasks": {}}
+    summary = {"suite": suite, "episodes_per_task": episodes, "seed_start": seed_start, "wall_s": wall, "tasks": {}}
     for t in tasks:
         rs = [r for r in results if r["task"] == t]
         k = sum(r["success"] for r in rs)
@@ -173,9 +179,10 @@ def _write_outputs(out: Path, summary: dict, results: list) -> None:
 def cmd_eval(args) -> int:
     try:
         fast = fast_config(args.fast, args.fast_opt)
-        summary = evaluate(args.policy, resolve_tasks(args.tasks), args.episodes, workers=args.workers, out=args.out,
-                           videos=args.videos, ensemble=args.ensemble, fast=fast)
-    except (SpecMismatchError, ArtifactError, ValueError) as e:
+        tasks = None if args.tasks is None else suite_tasks(args.suite, args.tasks)
+        summary = evaluate(args.policy, tasks, args.episodes, workers=args.workers, out=args.out,
+                           videos=args.videos, ensemble=args.ensemble, fast=fast, suite=args.suite)
+    except (SpecMismatchError, ArtifactError, ValueError, EnvServerError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_table(summary))

@@ -1,0 +1,83 @@
+"""MetaWorld as a suite: its env in its own environment (mujoco 3.3.0) behind the env server, its
+scripted experts into a LeRobot dataset, and `vla eval --suite metaworld` on a handful of seeds.
+Skipped where `.venv-metaworld` is not made (`bash scripts/setup.sh --metaworld`; CI makes it)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from vla.config import TrainConfig, VLAConfig
+from vla.dataset import LeRobotDataset
+from vla.jobs.collect import collect
+from vla.jobs.evaluate import evaluate
+from vla.jobs.suites import suite_tasks
+from vla.jobs.train import train
+from vla.serving.env_client import EnvServerError, RemoteEnv, suite_python
+from vla.sim.metaworld_tasks import GROUPS, MT10, MT50
+
+try:
+    suite_python("metaworld")
+    MISSING = ""
+except EnvServerError as e:
+    MISSING = str(e)
+needs_metaworld = pytest.mark.skipif(bool(MISSING), reason=MISSING)
+CAMERA = "observation.images.corner2"
+
+
+def test_task_sets_follow_lerobot_s_selection():
+    assert len(MT10) == 10 and len(MT50) == 50 == len(set(MT50))
+    assert {k: len(v) for k, v in GROUPS.items()} == {"easy": 28, "medium": 11, "hard": 6, "very_hard": 5}
+    assert suite_tasks("metaworld", "MT10") == MT10
+    assert suite_tasks("metaworld", "reach,drawer-close-v3,reach-v3") == ["reach-v3", "drawer-close-v3"]
+    with pytest.raises(ValueError, match="unknown MetaWorld task 'fold-laundry'"):
+        suite_tasks("metaworld", "fold-laundry")
+
+
+@needs_metaworld
+def test_the_env_is_seeded_by_the_episode_seed_and_its_expert_succeeds():
+    env = RemoteEnv("metaworld", "reach-v3", image_size=64)
+    try:
+        assert env.cameras == ("corner2",) and env.max_episode_steps == 500 and env.action_space.shape == (4,)
+        a, _ = env.reset(seed=3)
+        b, _ = env.reset(seed=3)
+        c, _ = env.reset(seed=4)
+        assert a[CAMERA].shape == (64, 64, 3) and a[CAMERA].dtype == np.uint8 and a["observation.state"].shape == (4,)
+        assert np.array_equal(a[CAMERA], b[CAMERA]) and not np.array_equal(a[CAMERA], c[CAMERA])  # the goal moved
+        assert a["task"] == "reach the goal position"
+        env.reset(seed=3)
+        for _ in range(env.max_episode_steps):
+            obs, _, terminated, truncated, info = env.step(env.expert_action())
+            if terminated or truncated:
+                break
+        assert info["success"] and terminated and env.steps < 200
+        with pytest.raises(EnvServerError, match="action must be finite with shape"):
+            env.step(np.array([np.nan, 0, 0, 0], np.float32))
+        env.step(np.zeros(4, np.float32))  # the server goes on after a refused request
+    finally:
+        env.close()
+    assert env.process.poll() == 0
+
+
+@needs_metaworld
+def test_expert_demos_train_a_policy_that_vla_eval_runs_on_pinned_seeds(tmp_path):
+    summary = collect(tmp_path / "mw", ["reach"], episodes=2, workers=1, image_size=32, suite="metaworld",
+                      progress=False)
+    assert summary["total_episodes"] == 2
+    ds = LeRobotDataset(tmp_path / "mw")
+    assert ds.camera_keys == [CAMERA] and ds.meta.fps == 80 and ds.state.shape[1] == 4 and ds.action.shape[1] == 4
+    assert [e["sim_seed"] for e in ds.meta.episodes] == [0, 1] and ds.meta.tasks == {0: "reach the goal position"}
+    recipe = {"horizon": 4, "n_action_steps": 2,
+              "backbone": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+                           "vision_mlp": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1,
+                           "text_mlp": 128, "max_text_tokens": 8},
+              "head": {"type": "l1", "hidden": 64, "layers": 1, "heads": 2, "mlp": 128}}
+    final = train(VLAConfig.from_dict(recipe), TrainConfig(dataset=str(tmp_path / "mw"), output_dir=str(tmp_path / "run"),
+                                                            steps=2, batch_size=4, warmup_steps=1, save_every=100),
+                  progress=False)
+    result = evaluate(final, ["reach-v3"], episodes=2, workers=1, out=tmp_path / "eval", suite="metaworld",
+                      videos=1, progress=False)
+    assert result["suite"] == "metaworld" and result["seed_start"] == 1_000_000
+    assert result["tasks"]["reach-v3"]["episodes"] == 2 and len(result["tasks"]["reach-v3"]["ci95"]) == 2
+    saved = json.loads((tmp_path / "eval/results.json").read_text())
+    assert saved["tasks"]["reach-v3"]["episodes"] == 2 and list((tmp_path / "eval/videos").glob("*.mp4"))
