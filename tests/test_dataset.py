@@ -43,7 +43,7 @@ def test_round_trip_equals_the_rollout(dataset):
     assert len(ds.episodes) == 4
     for j, ep in enumerate(ds.meta.episodes):
         task, seed, variant, (arrays, instruction) = _rollout(
-            (ep["sim_task"], ep["sim_seed"], ep["sim_variant"], SIZE, ("front", "wrist"), False))
+            (ep["sim_task"], ep["sim_seed"], ep["sim_variant"], SIZE, ("front", "wrist"), False, "tabletop"))
         sl = slice(ds.ep_start[j], ds.ep_end[j])
         assert ep["tasks"] == [instruction]
         assert np.array_equal(ds.state[sl], arrays["observation.state"])
@@ -126,7 +126,7 @@ def test_second_run_resumes_without_duplicates_or_rewrites(dataset, tmp_path):
 def test_interrupted_flush_leaves_a_readable_dataset(dataset, tmp_path, monkeypatch):
     """Fault injected on purpose: the meta commit of the second batch raises, as a crash would."""
     root = _copy(dataset, tmp_path)
-    arrays, instruction = _rollout(("pick_cube", 50, -1, SIZE, ("front", "wrist"), False))[3]
+    arrays, instruction = _rollout(("pick_cube", 50, -1, SIZE, ("front", "wrist"), False, "tabletop"))[3]
     writer = DatasetWriter(root, 10, dataset_features(SIZE))
     monkeypatch.setattr(DatasetWriter, "_commit_meta", lambda self: (_ for _ in ()).throw(OSError("disk died")))
     writer.add_episode(arrays, instruction)

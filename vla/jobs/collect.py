@@ -43,7 +43,7 @@ def _rollout(job):
     """Worker: one expert episode -> arrays, or None if the expert failed. A scene-only job records
     just the first frame (arm at home) with its keypoints; its action repeats the state."""
 
-    task, seed, variant, image_size, cameras, scenes_only, suite = (*job, "tabletop")[:7]
+    task, seed, variant, image_size, cameras, scenes_only, suite = job
     key = (suite, task, image_size, cameras)
     if key not in _ENVS:
         _ENVS[key] = make_suite_env(suite, task, image_size, cameras)
