@@ -54,11 +54,13 @@ class Batches:
 
     def _windowed(self, rng: np.random.Generator) -> np.ndarray:
         eps = self.episode_of[self.pool]
-        order, windows, size = rng.permutation(int(eps.max()) + 1), [[]], 0
-        members = {int(e): np.flatnonzero(eps == e) for e in np.unique(eps)}
-        for e in order:
-            m = members.get(int(e))
-            if m is None:
+        n_eps = int(eps.max()) + 1
+        by_episode = np.argsort(eps, kind="stable")  # positions in the pool, grouped by episode
+        bounds = np.searchsorted(eps[by_episode], np.arange(n_eps + 1))
+        windows, size = [[]], 0
+        for e in rng.permutation(n_eps):
+            m = by_episode[bounds[e]:bounds[e + 1]]
+            if not len(m):
                 continue
             if size and size + len(m) > self.window:
                 windows.append([])

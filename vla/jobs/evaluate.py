@@ -138,12 +138,13 @@ def evaluate(policy, tasks=None, episodes: int = 50, workers: int = 1, out: str 
 
 
 def format_table(summary: dict) -> str:
-    lines = [f"{'task':16s} {'success':>9s} {'rate':>6s} {'95% CI':>15s} {'mean steps':>11s}"]
+    w = max([16] + [len(t) for t in summary["tasks"]])  # MetaWorld's names are longer
+    lines = [f"{'task':{w}s} {'success':>9s} {'rate':>6s} {'95% CI':>15s} {'mean steps':>11s}"]
     for t, v in summary["tasks"].items():
         lo, hi = v["ci95"]
-        lines.append(f"{t:16s} {v['successes']:>4d}/{v['episodes']:<4d} {v['success_rate']:6.2f} "
+        lines.append(f"{t:{w}s} {v['successes']:>4d}/{v['episodes']:<4d} {v['success_rate']:6.2f} "
                      f"  [{lo:.2f}, {hi:.2f}] {v['mean_steps']:11.1f}")
-    lines.append(f"{'mean':16s} {'':9s} {summary['mean_success']:6.2f}")
+    lines.append(f"{'mean':{w}s} {'':9s} {summary['mean_success']:6.2f}")
     if summary.get("inference_ms"):
         lines.append(f"inference per chunk: median {summary['inference_ms']['median']:.1f} ms, "
                      f"p99 {summary['inference_ms']['p99']:.1f} ms")
