@@ -70,23 +70,6 @@ def write_video(path: str | Path, frames, fps: int) -> None:
             vw.write(f)
 
 
-def decode_video(path: str | Path) -> np.ndarray:
-    """All frames of the file's first video stream as an (N, H, W, 3) uint8 array."""
-    path = Path(path)
-    if not path.is_file():
-        raise VideoError(f"video file missing: {path}")
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
-    except (av.error.FFmpegError, IndexError) as e:
-        raise VideoError(f"cannot decode video {path}: {e}") from e
-    if not frames:
-        raise VideoError(f"video {path} holds no frames (truncated or empty file)")
-    return np.stack(frames)
-
-
 def probe_video(path: str | Path) -> tuple[int, int, float]:
     """(height, width, duration in seconds) of the first video stream, from its header: no decoding.
     A missing file or one whose header cannot be read (a truncated mp4 loses its index) is a VideoError."""
