@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from vla.spec import check_image_fit
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -92,8 +94,7 @@ class VLAConfig:
             raise ValueError(f"head.loss must be mse or l1, got {cfg.head.loss!r}")
         if cfg.n_action_steps > cfg.horizon:
             raise ValueError(f"n_action_steps {cfg.n_action_steps} > horizon {cfg.horizon}")
-        if cfg.image_fit not in ("pad", "crop", "resize"):
-            raise ValueError(f"image_fit must be pad, crop or resize, got {cfg.image_fit!r}")
+        check_image_fit(cfg.image_fit)
         return cfg
 
     def unresolved(self) -> list[str]:

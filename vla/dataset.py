@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from vla.spec import check_image_fit
 from vla.transforms import fit_frames
 from vla.video import VideoError, VideoWriter, decode_segment, probe_video
 
@@ -486,8 +487,9 @@ class LeRobotDataset:
 
     def __init__(self, root: str | Path, horizon: int = 16, cameras: list[str] | None = None,
                  episodes: list[int] | None = None, image_size: int | None = None, image_fit: str = "pad",
-                 cache_mb: float = 4096):
-        self.meta = DatasetMeta(root)
+                 cache_mb: float = 4096, meta: DatasetMeta | None = None):
+        """meta: the root's DatasetMeta where the caller has read it already."""
+        self.meta = meta if meta is not None else DatasetMeta(root)
         self.root = self.meta.root
         self.horizon = horizon
         feats = self.meta.features
@@ -500,7 +502,7 @@ class LeRobotDataset:
                 raise DatasetError(f"{self.root / 'meta/info.json'}: no camera feature {k!r} "
                                    f"(has {self.meta.camera_keys})")
         self.image_size, self.image_fit = image_size, image_fit
-        fit_frames(np.zeros((1, 2, 2, 3), np.uint8), 2, image_fit)  # a bad image_fit fails here
+        check_image_fit(image_fit)
         eps = self.meta.episodes if episodes is None else [self.meta.episodes[i] for i in episodes]
         self.episodes = eps
 

@@ -8,6 +8,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+# how frames of another size or aspect are brought to the model's square (vla.transforms.fit_frames)
+IMAGE_FITS = ("pad", "crop", "resize")
+
+
+def check_image_fit(fit: str) -> None:
+    if fit not in IMAGE_FITS:
+        raise ValueError(f"image_fit must be {', '.join(IMAGE_FITS[:-1])} or {IMAGE_FITS[-1]}, got {fit!r}")
+
 
 class SpecError(ValueError):
     """A spec.json (or a server's hello) that does not describe a policy."""
@@ -40,8 +48,10 @@ class PolicySpec:
             raise SpecError(f"n_action_steps {self.n_action_steps} exceeds the horizon {self.horizon}")
         if not isinstance(self.fps, (int, float)) or isinstance(self.fps, bool) or not self.fps > 0:
             raise SpecError(f"fps must be a positive number, got {self.fps!r}")
-        if self.image_fit not in ("pad", "crop", "resize"):
-            raise SpecError(f"image_fit must be pad, crop or resize, got {self.image_fit!r}")
+        try:
+            check_image_fit(self.image_fit)
+        except ValueError as e:
+            raise SpecError(str(e)) from None
         if self.frame_shapes is not None:
             ok = (isinstance(self.frame_shapes, dict) and set(self.frame_shapes) <= set(self.cameras)
                   and all(len(v) == 2 and all(type(x) is int and x > 0 for x in v) for v in self.frame_shapes.values()))

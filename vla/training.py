@@ -162,8 +162,9 @@ class TrainingData:
     def __init__(self, model_cfg: VLAConfig, cfg: TrainConfig, device: torch.device, rank: int = 0, world: int = 1):
         """model_cfg as the recipe gives it; `self.model_cfg` is it resolved against the dataset."""
         self.cfg, self.device = cfg, device
-        self.model_cfg = model_cfg = resolve_model_config(model_cfg, DatasetMeta(cfg.dataset))
-        self.ds = self._open(cfg.dataset, model_cfg.horizon)
+        meta = DatasetMeta(cfg.dataset)
+        self.model_cfg = model_cfg = resolve_model_config(model_cfg, meta)
+        self.ds = self._open(cfg.dataset, model_cfg.horizon, meta)
         self.train_keypoints = model_cfg.keypoints > 0
         if self.train_keypoints:
             _require_keypoints(self.ds, cfg.dataset, model_cfg.keypoints, "vla collect records one")
@@ -188,10 +189,10 @@ class TrainingData:
             self.kp_batches = Batches(len(self.kp_ds), cfg.keypoint_batch, cfg.seed + 1, rank, world)
         self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _open(self, root: str, horizon: int) -> LeRobotDataset:
+    def _open(self, root: str, horizon: int, meta: DatasetMeta | None = None) -> LeRobotDataset:
         c = self.model_cfg
         return LeRobotDataset(root, horizon=horizon, cameras=list(c.cameras), image_size=c.image_size,
-                              image_fit=c.image_fit, cache_mb=self.cfg.cache_mb)
+                              image_fit=c.image_fit, cache_mb=self.cfg.cache_mb, meta=meta)
 
     def tokenizer(self):
         """A tokenizer of the dataset's instructions, for a backbone trained from scratch."""

@@ -19,17 +19,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from vla.spec import check_image_fit
+
 ENV_STATE = "observation.environment_state"  # LeRobot's key; the keypoint head's targets
 IMAGE_MEAN, IMAGE_STD = 0.5, 0.5  # SigLIP's normalization, as SmolVLM's processor uses
-IMAGE_FITS = ("pad", "crop", "resize")
 
 
 def fit_frames(frames: np.ndarray, size: int, fit: str = "pad") -> np.ndarray:
     """uint8 (N, H, W, 3) -> uint8 (N, size, size, 3). "pad": scaled to fit, centred on black (the
     whole view, aspect kept: openpi's resize_with_pad); "crop": the centred square, scaled; "resize":
     scaled to the square (aspect changed). Frames already size x size come back unchanged."""
-    if fit not in IMAGE_FITS:
-        raise ValueError(f"image_fit must be one of {IMAGE_FITS}, got {fit!r}")
+    check_image_fit(fit)
     n, h, w = frames.shape[:3]
     if (h, w) == (size, size):
         return frames

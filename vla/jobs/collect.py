@@ -71,7 +71,7 @@ def _seed_jobs(task: str, seed: int, k: int) -> list[tuple[int, int]]:
     variants in an order fixed by the seed."""
     if k <= 1:
         return [(seed, -1)]
-    n = len(TASKS[task]().variants()) if task in TASKS else 1
+    n = len(TASKS[task]().variants())
     return [(seed, int(v)) for v in np.random.default_rng(seed).permutation(n)[:k]]
 
 

@@ -180,8 +180,7 @@ def _write_outputs(out: Path, summary: dict, results: list) -> None:
 def cmd_eval(args) -> int:
     try:
         fast = fast_config(args.fast, args.fast_opt)
-        tasks = None if args.tasks is None else suite_tasks(args.suite, args.tasks)
-        summary = evaluate(args.policy, tasks, args.episodes, workers=args.workers, out=args.out,
+        summary = evaluate(args.policy, args.tasks, args.episodes, workers=args.workers, out=args.out,
                            videos=args.videos, ensemble=args.ensemble, fast=fast, suite=args.suite)
     except (SpecMismatchError, ArtifactError, ValueError, EnvServerError) as e:
         print(f"error: {e}", file=sys.stderr)

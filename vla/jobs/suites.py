@@ -15,7 +15,7 @@ from vla.sim.experts import run_expert_episode
 from vla.sim.ik import ARM_JOINTS
 from vla.sim.metaworld_tasks import CAMERA as METAWORLD_CAMERA
 from vla.sim.metaworld_tasks import resolve_metaworld_tasks
-from vla.sim.tasks import resolve_task, resolve_tasks
+from vla.sim.tasks import resolve_tasks
 
 SUITES = ("tabletop", "metaworld")
 STATE_NAMES = [f"{j}.pos" for j in ARM_JOINTS] + ["gripper.pos"]
@@ -38,7 +38,7 @@ def suite_tasks(suite: str, spec) -> list[str]:
         spec = ",".join(spec)
     if suite == "metaworld":
         return resolve_metaworld_tasks(spec)
-    return resolve_tasks(spec) if spec == "all" else [resolve_task(t.strip()) for t in spec.split(",") if t.strip()]
+    return resolve_tasks(spec)
 
 
 def suite_cameras(suite: str) -> tuple[str, ...]:
