@@ -7,6 +7,8 @@ Conventions, as LeRobot's MetaWorld env: the env is MetaWorld's `Meta-World/MT1`
 object and goal positions drawn from the episode seed (`seed()` then `reset()`, MetaWorld's seeded
 random vector instead of its 50 fixed task variants); the `corner2` camera (moved as LeRobot moves
 it) rendered and flipped upright; the state is the hand's xyz and the gripper opening (obs[:4]);
+the first object's and the goal's xyz are `observation.environment_state` (the keypoint aid's training
+target: a policy never gets it as input);
 actions are 4-d in [-1, 1]; success is `info["success"]`, an episode ends at success or 500 steps.
 """
 
@@ -29,7 +31,8 @@ def expert_for(task: str):
 
 class MetaWorldEnv(gym.Env):
     """obs: observation.images.corner2 (uint8 S x S x 3, upright), observation.state (float32 (4,):
-    hand xyz, gripper), task (the instruction); action float32 (4,) in [-1, 1]."""
+    hand xyz, gripper), observation.environment_state (float32 (6,): object xyz, goal xyz), task (the
+    instruction); action float32 (4,) in [-1, 1]."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
 
@@ -54,7 +57,8 @@ class MetaWorldEnv(gym.Env):
         self.expert = expert_for(task)
         self.observation_space = gym.spaces.Dict({
             f"observation.images.{camera}": gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
-            "observation.state": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)})
+            "observation.state": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32),
+            "observation.environment_state": gym.spaces.Box(-np.inf, np.inf, (6,), np.float32)})
         self.action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
         self._raw = None
         self._steps = 0
@@ -64,7 +68,9 @@ class MetaWorldEnv(gym.Env):
         if self.camera == "corner2":
             image = image[::-1, ::-1]  # rendered upside down and mirrored
         return {f"observation.images.{self.camera}": np.ascontiguousarray(image),
-                "observation.state": self._raw[:4].astype(np.float32), "task": self.instruction}
+                "observation.state": self._raw[:4].astype(np.float32),
+                "observation.environment_state": np.concatenate([self._raw[4:7], self.env._target_pos]).astype(np.float32),
+                "task": self.instruction}
 
     def reset(self, *, seed: int | None = None, options=None):
         super().reset(seed=seed)

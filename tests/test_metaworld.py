@@ -45,12 +45,15 @@ def test_the_env_is_seeded_by_the_episode_seed_and_its_expert_succeeds():
         assert a[CAMERA].shape == (64, 64, 3) and a[CAMERA].dtype == np.uint8 and a["observation.state"].shape == (4,)
         assert np.array_equal(a[CAMERA], b[CAMERA]) and not np.array_equal(a[CAMERA], c[CAMERA])  # the goal moved
         assert a["task"] == "reach the goal position"
+        keypoints = a["observation.environment_state"]  # object xyz, goal xyz: a training target only
+        assert keypoints.shape == (6,) and not np.allclose(keypoints[3:], c["observation.environment_state"][3:])
         env.reset(seed=3)
         for _ in range(env.max_episode_steps):
             obs, _, terminated, truncated, info = env.step(env.expert_action())
             if terminated or truncated:
                 break
         assert info["success"] and terminated and env.steps < 200
+        assert np.linalg.norm(obs["observation.state"][:3] - keypoints[3:]) < 0.05  # MetaWorld's reach threshold
         with pytest.raises(EnvServerError, match="action must be finite with shape"):
             env.step(np.array([np.nan, 0, 0, 0], np.float32))
         env.step(np.zeros(4, np.float32))  # the server goes on after a refused request
@@ -66,6 +69,7 @@ def test_expert_demos_train_a_policy_that_vla_eval_runs_on_pinned_seeds(tmp_path
     assert summary["total_episodes"] == 2
     ds = LeRobotDataset(tmp_path / "mw")
     assert ds.camera_keys == [CAMERA] and ds.meta.fps == 80 and ds.state.shape[1] == 4 and ds.action.shape[1] == 4
+    assert ds.meta.features["observation.environment_state"]["names"][3:] == ["goal.x", "goal.y", "goal.z"]
     assert [e["sim_seed"] for e in ds.meta.episodes] == [0, 1] and ds.meta.tasks == {0: "reach the goal position"}
     recipe = {"horizon": 4, "n_action_steps": 2,
               "backbone": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,

@@ -23,6 +23,7 @@ KEYPOINT_NAMES = ["target.x", "target.y", "target.z", "goal.x", "goal.y", "goal.
 METAWORLD_FPS = 80  # MetaWorld's control rate (5 substeps of 2.5 ms)
 METAWORLD_STATE = ["hand.x", "hand.y", "hand.z", "gripper"]
 METAWORLD_ACTION = ["hand.dx", "hand.dy", "hand.dz", "gripper"]
+METAWORLD_KEYPOINTS = ["object.x", "object.y", "object.z", "goal.x", "goal.y", "goal.z"]
 
 
 def check_suite(suite: str) -> None:
@@ -57,7 +58,8 @@ def suite_dataset(suite: str, image_size: int, cameras=None) -> tuple[int, dict,
     if suite == "metaworld":
         feats = {f"observation.images.{METAWORLD_CAMERA}": video_feature(image_size, image_size, METAWORLD_FPS),
                  "observation.state": {"dtype": "float32", "shape": [4], "names": METAWORLD_STATE},
-                 "action": {"dtype": "float32", "shape": [4], "names": METAWORLD_ACTION}}
+                 "action": {"dtype": "float32", "shape": [4], "names": METAWORLD_ACTION},
+                 "observation.environment_state": {"dtype": "float32", "shape": [6], "names": METAWORLD_KEYPOINTS}}
         return METAWORLD_FPS, feats, "sawyer"
     feats = {f"observation.images.{c}": video_feature(image_size, image_size, CONTROL_HZ) for c in cameras or CAMERAS}
     feats["observation.state"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
