@@ -210,8 +210,8 @@ class PolicyServer:
             reply = self.handle(body[0], route[0])
         else:
             reply = self._error(f"a request is one msgpack frame after the routing envelope; got {n_parts} parts")
+        self.served += 1  # before the reply leaves: a client that has its reply sees it counted
         self._send(route, reply)
-        self.served += 1
         return True
 
     def serve_forever(self, poll_ms: int = 100) -> None:
