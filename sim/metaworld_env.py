@@ -67,10 +67,10 @@ class MetaWorldEnv(gym.Env):
         image = self.env.render()
         if self.camera == "corner2":
             image = image[::-1, ::-1]  # rendered upside down and mirrored
+        keypoints = np.concatenate([self._raw[4:7], self.env._target_pos])  # object xyz, goal xyz
         return {f"observation.images.{self.camera}": np.ascontiguousarray(image),
                 "observation.state": self._raw[:4].astype(np.float32),
-                "observation.environment_state": np.concatenate([self._raw[4:7], self.env._target_pos]).astype(np.float32),
-                "task": self.instruction}
+                "observation.environment_state": keypoints.astype(np.float32), "task": self.instruction}
 
     def reset(self, *, seed: int | None = None, options=None):
         super().reset(seed=seed)
