@@ -42,12 +42,25 @@ from rclpy.event_handler import SubscriptionEventCallbacks
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSDurabilityPolicy, QoSProfile, QoSReliabilityPolicy, qos_profile_sensor_data
-from sensor_msgs.msg import Image, JointState
+from sensor_msgs.msg import CompressedImage, Image, JointState
 from std_msgs.msg import Bool, Float64MultiArray, String
 from std_srvs.srv import SetBool, Trigger
 from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 
 from vla.config import ServeConfig, fast_config
+from vla.ros_nodes.contract import (
+    ARRAY,
+    IMAGE,
+    JOINT_STATE,
+    TRAJECTORY,
+    Contract,
+    Stream,
+    decode,
+    decode_image,
+    decode_vector,
+    load_contract,
+    stamp_s,
+)
 from vla.ros_nodes.control import ChunkError, ChunkPlayer, SafetyFilter, check_chunk
 from vla.ros_nodes.inference import LocalInferenceServer
 from vla.serving import PolicyClient, ServerError
@@ -61,47 +74,25 @@ COMMAND_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 ESTOP_BEST_EFFORT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.BEST_EFFORT)
 LATCHED_QOS = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
+IMAGE_CLASSES = {IMAGE: Image, "sensor_msgs/msg/CompressedImage": CompressedImage}
 ESTOP_ASSERTED_S = 1.0  # an e-stop True on the topic this recent means the button is still pressed
 LEVELS = {"ok": DiagnosticStatus.OK, "waiting": DiagnosticStatus.WARN, "stale": DiagnosticStatus.WARN,
           "estop": DiagnosticStatus.ERROR, "fault": DiagnosticStatus.ERROR}
 
 
-def stamp_s(msg) -> float:
-    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
-
-
 def image_to_array(msg: Image, sizes: list[tuple[int, int]]) -> np.ndarray:
-    """rgb8 / bgr8 of one of the expected (H, W) sizes, rows possibly padded (step > width * 3) ->
-    uint8 HxWx3 RGB; anything else raises ValueError."""
-    if msg.encoding not in ("rgb8", "bgr8"):
-        raise ValueError(f"encoding {msg.encoding!r} (expected rgb8 or bgr8)")
+    """An image of one of the expected (H, W) sizes -> uint8 HxWx3 RGB, decoded as the recorder and
+    the bag importer decode (vla.ros_nodes.contract); anything else raises ValueError."""
     if (msg.height, msg.width) not in sizes:
         want = " or ".join(f"{w}x{h}" for h, w in sizes)
         raise ValueError(f"size {msg.width}x{msg.height} (expected {want})")
-    row = msg.width * 3
-    if msg.step < row or len(msg.data) != msg.height * msg.step:
-        raise ValueError(f"data of {len(msg.data)} bytes with step {msg.step} for {msg.width}x{msg.height} rgb "
-                         f"(needs step >= {row} and height * step bytes)")
-    rows = np.frombuffer(msg.data, dtype=np.uint8).reshape(msg.height, msg.step)[:, :row]
-    img = rows.reshape(msg.height, msg.width, 3)
-    return img[..., ::-1].copy() if msg.encoding == "bgr8" else img.copy()
+    return decode_image(msg, IMAGE)
 
 
 def joint_positions(msg: JointState, names: list[str]) -> np.ndarray:
     """The positions of `names` from a JointState (extra joints are ignored); raises ValueError on
     duplicate, missing or non-finite entries."""
-    got, pos = list(msg.name), list(msg.position)
-    if len(pos) != len(got):
-        raise ValueError(f"{len(got)} names but {len(pos)} positions")
-    if len(set(got)) != len(got):
-        raise ValueError(f"duplicate joint names {sorted({n for n in got if got.count(n) > 1})}")
-    missing = [n for n in names if n not in got]
-    if missing:
-        raise ValueError(f"missing joints {missing}")
-    q = np.array([pos[got.index(n)] for n in names], dtype=np.float64)
-    if not np.all(np.isfinite(q)):
-        raise ValueError(f"non-finite position {q.tolist()}")
-    return q
+    return decode_vector(msg, Stream("observation.state", "/joint_states", JOINT_STATE, names=tuple(names)))
 
 
 def _pct(xs, q) -> float | None:
@@ -124,7 +115,7 @@ class PolicyNode(Node):
             ("joint_lower", DEFAULT_LOWER), ("joint_upper", DEFAULT_UPPER), ("max_step", 0.05),
             ("control_rate", 50.0), ("watchdog_timeout", 0.5), ("stamp_check", True), ("stamp_tolerance", 0.2),
             ("blend_s", 0.2), ("status_topic", "/vla/status"), ("status_rate", 2.0),
-            ("estop_topic", "/vla/estop"), ("replan_period", 0.4),
+            ("estop_topic", "/vla/estop"), ("replan_period", 0.4), ("contract", ""),
         ])
         for name, value in overrides.items():
             self.set_parameters([rclpy.parameter.Parameter(name, value=value)])
@@ -136,13 +127,17 @@ class PolicyNode(Node):
         self.frame_sizes = {c: spec.frame_sizes(c) for c in self.cameras}
         self.horizon, self.action_dim = spec.horizon, spec.action_dim
         self.joint_names = list(g("joint_names"))
+        self.contract: Contract | None = None
         try:
+            if g("contract"):
+                self._use_contract(load_contract(g("contract")), spec)
             self._check_parameters(spec, g)
         except ValueError:
             if self._local is not None:  # no orphaned server process behind a refused configuration
                 self._local.stop()
             raise
-        self.command_type = g("command_type")
+        if self.contract is None:
+            self.command_type = g("command_type")
         self.period = 1.0 / g("control_rate")
         self.replan_period = g("replan_period")
         self.watchdog = g("watchdog_timeout")
@@ -175,14 +170,16 @@ class PolicyNode(Node):
         self._new_obs = threading.Condition(self.lock)
 
         sensors = ReentrantCallbackGroup()
+        c = self.contract
         for cam in self.cameras:
-            self.create_subscription(Image, f"{g('image_topic_prefix')}/{cam}/image_raw",
-                                     lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data,
+            topic = c.streams[f"observation.images.{cam}"].topic if c else f"{g('image_topic_prefix')}/{cam}/image_raw"
+            msg_type = IMAGE_CLASSES[c.streams[f"observation.images.{cam}"].msgtype] if c else Image
+            self.create_subscription(msg_type, topic, lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data,
                                      callback_group=sensors)
-        self.create_subscription(JointState, g("joint_states_topic"), self._on_joints, qos_profile_sensor_data,
-                                 callback_group=sensors)
-        self.create_subscription(String, g("instruction_topic"), self._on_instruction, LATCHED_QOS,
-                                 callback_group=sensors)
+        self.create_subscription(JointState, c.streams["observation.state"].topic if c else g("joint_states_topic"),
+                                 self._on_joints, qos_profile_sensor_data, callback_group=sensors)
+        self.create_subscription(String, (c.instruction_topic if c and c.instruction_topic else g("instruction_topic")),
+                                 self._on_instruction, LATCHED_QOS, callback_group=sensors)
         # A RELIABLE subscription never matches a BEST_EFFORT publisher (joystick and button nodes
         # often are): subscribe both ways; a reliable publisher's message then arrives twice, which
         # engaging a latch does not mind.
@@ -193,7 +190,8 @@ class PolicyNode(Node):
         self.create_service(SetBool, "~/estop", self._on_estop_service, callback_group=sensors)
         self.create_service(Trigger, "~/reset", self._on_reset_service, callback_group=sensors)
         msg_type = JointTrajectory if self.command_type == "trajectory" else Float64MultiArray
-        self.cmd_pub = self.create_publisher(msg_type, g("command_topic"), COMMAND_QOS)
+        self.cmd_pub = self.create_publisher(msg_type, c.streams["action"].topic if c else g("command_topic"),
+                                             COMMAND_QOS)
         self.status_pub = self.create_publisher(String, g("status_topic"), COMMAND_QOS)
         self.diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", COMMAND_QOS)
         self.create_timer(self.period, self._on_control, callback_group=MutuallyExclusiveCallbackGroup())
@@ -222,6 +220,32 @@ class PolicyNode(Node):
         config = ServeConfig(policy=path or None, fast=fast_config(g("fast")), threads=g("server_threads"))
         self._local = LocalInferenceServer(config)
         return self._local.start()
+
+    def _use_contract(self, contract: Contract, spec) -> None:
+        """Topics, joint names, command type and decoding from a topic contract, checked against the
+        policy (and against the contract its training data was recorded with, where it records one)."""
+        if spec.ros_contract is not None:
+            contract.check_matches(spec.ros_contract, "the policy's training data")
+        cams = contract.cameras
+        if set(cams) != set(self.cameras):
+            raise ValueError(f"{contract.source}: cameras {cams}, the policy's are {self.cameras}")
+        for cam in self.cameras:
+            s = contract.streams[f"observation.images.{cam}"]
+            if tuple(s.size) not in self.frame_sizes[cam]:
+                raise ValueError(f"{contract.source}: camera {cam} frames are {s.size[1]}x{s.size[0]}, the policy "
+                                 f"takes {' or '.join(f'{w}x{h}' for h, w in self.frame_sizes[cam])}")
+        state, action = contract.streams["observation.state"], contract.streams["action"]
+        if state.msgtype != JOINT_STATE:
+            raise ValueError(f"{contract.source}: the policy node reads the state from {JOINT_STATE}, "
+                             f"not {state.msgtype}")
+        if action.msgtype not in (TRAJECTORY, ARRAY):
+            raise ValueError(f"{contract.source}: the policy node publishes {TRAJECTORY} or {ARRAY}, "
+                             f"not {action.msgtype}")
+        if state.names != action.names:
+            raise ValueError(f"{contract.source}: the policy node commands the joints it measures: state names "
+                             f"{list(state.names)} != action names {list(action.names)}")
+        self.contract, self.joint_names = contract, list(state.names)
+        self.command_type = "trajectory" if action.msgtype == TRAJECTORY else "float64_array"
 
     def _check_parameters(self, spec, g) -> None:
         if len(self.joint_names) != spec.action_dim or len(self.joint_names) != spec.state_dim:
@@ -274,7 +298,11 @@ class PolicyNode(Node):
         return value, stamp, now
 
     def _on_image(self, cam: str, msg: Image) -> None:
-        got = self._accept(f"image_{cam}", msg, lambda: image_to_array(msg, self.frame_sizes[cam]))
+        if self.contract is not None:  # decoded (and resized) exactly as the recorder decodes
+            stream = self.contract.streams[f"observation.images.{cam}"]
+            got = self._accept(f"image_{cam}", msg, lambda: decode(msg, stream))
+        else:
+            got = self._accept(f"image_{cam}", msg, lambda: image_to_array(msg, self.frame_sizes[cam]))
         if got is None:
             return
         with self.lock:
@@ -283,7 +311,11 @@ class PolicyNode(Node):
             self._new_obs.notify_all()
 
     def _on_joints(self, msg: JointState) -> None:
-        got = self._accept("joint_state", msg, lambda: joint_positions(msg, self.joint_names))
+        if self.contract is not None:
+            stream = self.contract.streams["observation.state"]
+            got = self._accept("joint_state", msg, lambda: decode(msg, stream))
+        else:
+            got = self._accept("joint_state", msg, lambda: joint_positions(msg, self.joint_names))
         if got is None:
             return
         with self.lock:

@@ -4,7 +4,8 @@ Every control period of the sim (0.1 s) it applies the latest command (JointTraj
 Float64MultiArray, as the policy node sends them), steps the physics, and publishes one
 sensor_msgs/Image per camera (rgb8) and the sensor_msgs/JointState, stamped with the time of
 the frame. The instruction goes out latched on a String topic at every episode start; when an
-episode ends (success or time limit) a JSON String on `~/episode` reports it and the next seed starts.
+episode ends (success or time limit) a JSON String on `~/episode` reports it (with the stamp of
+the episode's last observation, which ends the episode for a recorder) and the next seed starts.
 
 An episode start teleports the arm to the new layout's start pose, which no real arm does: so the
 sim calls the policy node's `~/reset` service first (as an operator would after homing an arm),
@@ -53,6 +54,8 @@ class SimRobotNode(Node):
         self.policy_reset.wait_for_service(timeout_sec=2.0)  # discovery; no policy node: no reset calls
         self._resetting = None  # (the policy node's answer to `~/reset`, when it was asked), while awaited
         self._accept_after = None  # commands stamped before this (ROS time) belong to the last episode
+        self.frame_stamp = 0.0  # the stamp (s) of the observation published last
+        self.episode_stamp = 0.0  # the stamp of the episode's first observation
         self.begin(seed, episodes)
         self.timer = self.create_timer(1.0 / CONTROL_HZ, self._tick)
 
@@ -70,6 +73,7 @@ class SimRobotNode(Node):
             self._resetting = (self.policy_reset.call_async(Trigger.Request()), self.get_clock().now())
         self.instruction_pub.publish(String(data=self.env.instruction))
         self._publish(self.obs)
+        self.episode_stamp = self.frame_stamp
 
     def _set_command(self, values, stamp=None) -> None:
         if self._resetting is not None or (stamp is not None and self._accept_after is not None
@@ -91,7 +95,8 @@ class SimRobotNode(Node):
         self._set_command(msg.data)
 
     def _publish(self, obs: dict) -> None:
-        stamp = self.get_clock().now().to_msg()
+        now = self.get_clock().now()
+        stamp, self.frame_stamp = now.to_msg(), now.nanoseconds * 1e-9
         for cam, pub in self.image_pubs.items():
             img = obs[f"observation.images.{cam}"]
             msg = Image(height=img.shape[0], width=img.shape[1], encoding="rgb8", step=img.shape[1] * 3,
@@ -116,7 +121,7 @@ class SimRobotNode(Node):
         self._publish(self.obs)
         if terminated or truncated:
             result = {"task": self.env.task.name, "seed": self.seed, "success": bool(info["success"]),
-                      "steps": self.env.steps, "instruction": self.env.instruction}
+                      "steps": self.env.steps, "instruction": self.env.instruction, "stamp": self.frame_stamp}
             self.results.append(result)
             self.episode_pub.publish(String(data=json.dumps(result)))
             self.episodes_left -= 1

@@ -115,6 +115,34 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--json", default=None, help="also write the results here")
     r.set_defaults(job="vla.ros_nodes.run:cmd_run")
 
+    rec = sub.add_parser("record", help="record a ROS2 robot's topics (a topic contract) as a LeRobotDataset v3")
+    rec.add_argument("--contract", required=True, help="topic contract YAML (configs/ros_contract_sim.yaml)")
+    rec.add_argument("--out", required=True, help="dataset directory (new, or one recorded with this contract)")
+    rec.add_argument("--episodes", type=int, default=None, help="stop after this many episodes (default: Ctrl-C)")
+    rec.add_argument("--task", default=None, help="the task prompt (default: the contract's instruction topic)")
+    rec.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
+    rec.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID")
+    rec.set_defaults(job="vla.ros_nodes.recorder:cmd_record")
+
+    ib = sub.add_parser("import-bag", help="rosbag2 directories (sqlite3 or MCAP) -> a LeRobotDataset v3")
+    ib.add_argument("bags", nargs="+", help="bag directories (with metadata.yaml)")
+    ib.add_argument("--contract", required=True, help="topic contract YAML (configs/ros_contract_sim.yaml)")
+    ib.add_argument("--out", required=True, help="a new dataset directory")
+    ib.add_argument("--split", choices=["bag", "marker"], default="bag",
+                    help="one episode per bag, or split at the contract's episodes.end_topic")
+    ib.add_argument("--task", default=None, help="the task prompt (default: the contract's instruction topic)")
+    ib.set_defaults(job="vla.ros_nodes.bags:cmd_import_bag")
+
+    tl = sub.add_parser("teleop", help="the scripted expert drives the sim robot over ROS2 (a teleoperation "
+                                       "stand-in, the robot side of `vla record`)")
+    tl.add_argument("--tasks", default="all", help="all, or task names / ids, comma-separated")
+    tl.add_argument("--episodes", type=int, default=1, help="episodes per task")
+    tl.add_argument("--seed", type=int, default=0, help="the first episode's seed")
+    tl.add_argument("--image-size", type=int, default=96)
+    tl.add_argument("--cameras", default="front,wrist")
+    tl.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID")
+    tl.set_defaults(job="vla.ros_nodes.teleop:cmd_teleop")
+
     t = sub.add_parser("train", help="train a policy from a YAML recipe (torchrun for many processes)")
     t.add_argument("recipe")
     t.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.steps=100 model.head.type=flow")
@@ -152,11 +180,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     return getattr(job, function)(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
 
 
 if __name__ == "__main__":

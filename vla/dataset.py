@@ -134,11 +134,13 @@ class DatasetWriter:
     {"dtype": "float32", "shape": [n], "names": [...]} and cameras as `video_feature(...)` (mp4) or
     `image_feature(...)` (PNG in parquet). A data file holds `episodes_per_file` episodes; a video
     file `video_episodes_per_file` (default the same; fewer rolls video files over inside a data
-    file, as LeRobot's separate size limits do).
+    file, as LeRobot's separate size limits do). `extra_info`: more keys for meta/info.json (the
+    ROS topic contract a recording followed).
     """
 
     def __init__(self, root: str | Path, fps: int, features: dict, robot_type: str | None = None,
-                 episodes_per_file: int = 100, video_episodes_per_file: int | None = None):
+                 episodes_per_file: int = 100, video_episodes_per_file: int | None = None,
+                 extra_info: dict | None = None):
         self.root = Path(root)
         self.fps = fps
         self.features = {**features, **INDEX_FEATURES}
@@ -159,6 +161,10 @@ class DatasetWriter:
                     "use another --out directory")
             if meta.info["fps"] != fps:
                 raise DatasetError(f"refusing to append to {self.root}: fps {meta.info['fps']} != {fps}")
+            for key, value in (extra_info or {}).items():
+                if meta.info.get(key) != json.loads(json.dumps(value)):
+                    raise DatasetError(f"refusing to append to {self.root}: its meta/info.json {key} differs "
+                                       "from this run's; use another --out directory")
             self.info = meta.info
             self.tasks = dict(meta.task_to_index)
             self.episodes = meta.episodes  # committed episode rows (list of dicts)
@@ -172,6 +178,7 @@ class DatasetWriter:
                 "data_files_size_in_mb": 100, "video_files_size_in_mb": 500, "fps": fps,
                 "splits": {"train": "0:0"}, "data_path": DATA_PATH,
                 "video_path": VIDEO_PATH if self.video_keys else None, "features": self.features,
+                **(extra_info or {}),
             }
             self.tasks = {}
             self.episodes = []

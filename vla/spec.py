@@ -36,6 +36,8 @@ class PolicySpec:
     frame_shapes: dict[str, tuple[int, int]] | None = None  # camera -> (H, W) it was recorded at, where
     #                                                          not image_size x image_size: fitted to it
     image_fit: str = "pad"  # how such frames are fitted: vla.transforms.fit_frames
+    ros_contract: dict | None = None  # the topic contract the training data was recorded with (its
+    #                                   signature: vla.ros_nodes.contract); the node refuses another
 
     def __post_init__(self):
         if not self.cameras or len(set(self.cameras)) != len(self.cameras):
@@ -57,6 +59,8 @@ class PolicySpec:
                   and all(len(v) == 2 and all(type(x) is int and x > 0 for x in v) for v in self.frame_shapes.values()))
             if not ok:
                 raise SpecError(f"frame_shapes must map cameras to [height, width], got {self.frame_shapes!r}")
+        if self.ros_contract is not None and not isinstance(self.ros_contract, dict):
+            raise SpecError(f"ros_contract must be a map, got {type(self.ros_contract).__name__}")
         for names, dim in ((self.state_names, self.state_dim), (self.action_names, self.action_dim)):
             if names is not None and len(names) != dim:
                 raise SpecError(f"{len(names)} channel names for {dim} channels: {list(names)}")

@@ -116,7 +116,7 @@ def make_spec(model_cfg: VLAConfig, ds: LeRobotDataset) -> PolicySpec:
                       n_action_steps=model_cfg.n_action_steps, fps=ds.meta.fps,
                       state_names=names["observation.state"], action_names=names["action"],
                       robot_type=ds.meta.info.get("robot_type"), frame_shapes=recorded or None,
-                      image_fit=model_cfg.image_fit)
+                      image_fit=model_cfg.image_fit, ros_contract=ds.meta.info.get("ros_contract"))
 
 
 def _camera_sizes(meta: DatasetMeta, keys) -> set[tuple[int, int]]:

@@ -1,0 +1,138 @@
+"""Messages of a contract's topics, in arrival order -> aligned episodes -> a LeRobotDataset v3.
+
+`Recording` is what `vla record` (live, ros_nodes/recorder.py) and `vla import-bag` (a rosbag2,
+ros_nodes/bags.py) both feed: the same decoding (ros_nodes/contract.py), the same frame alignment
+and the same episode split, so one run recorded both ways gives the same dataset.
+
+Episodes: an end marker on the contract's `episodes.end_topic` (or a stop call, or the end of a bag)
+ends the episode in progress at its time; the frames before it are written as one episode (a
+failed one is discarded when the contract says so) and the frames after it begin the next. Each
+episode is written and committed on its own (DatasetWriter.flush), so a crash loses at most the
+episode in progress and the dataset on disk stays readable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from pathlib import Path
+
+from vla.dataset import DatasetWriter
+from vla.ros_nodes.contract import Contract, ContractError, FrameAligner, decode, episode_end, sample_time, stack_frames
+
+
+class Recording:
+    def __init__(self, contract: Contract, out: str | Path, task: str | None = None, video: bool = True,
+                 robot_type: str | None = None, lag_s: float | None = None, min_frames: int = 2):
+        self.contract = contract
+        self.writer = DatasetWriter(out, contract.fps, contract.features(video=video), robot_type=robot_type,
+                                    extra_info={"ros_contract": contract.signature()})
+        self.aligner = FrameAligner(contract, lag_s)
+        self.task = task  # fixed, or None: the instruction topic's
+        self.instruction: str | None = None
+        self.frames: list[tuple[float, dict, str | None]] = []  # decided, not yet written: (t, row, task)
+        self.episode_start = -math.inf  # frames after this time belong to the episode in progress
+        self.active = True  # live: between start and stop calls
+        self.min_frames = min_frames
+        self.counts = Counter()  # episodes, frames, discarded, ...
+        self.rejected: Counter = Counter()  # stream -> messages refused (decode errors)
+        self.late: Counter = Counter()  # stream -> samples that arrived after their frames were decided
+        self.problems: dict[str, str] = {}  # stream -> the last refusal's reason
+
+    def restart(self) -> None:
+        """A new recording into the same dataset (the next bag): a new clock, nothing in progress."""
+        self.aligner = FrameAligner(self.contract, self.aligner.lag)
+        self.frames, self.instruction, self.episode_start = [], None, -math.inf
+
+    # --- input, in arrival order ---
+    def on_message(self, key: str, msg, received_s: float, strict: bool = False) -> None:
+        """A message of feature `key`'s topic; a bad one is refused and counted (strict: raised)."""
+        stream = self.contract.streams[key]
+        try:
+            value = decode(msg, stream)
+        except ContractError as e:
+            if strict:
+                raise
+            self.rejected[key] += 1
+            self.problems[key] = str(e)
+            return
+        t = sample_time(msg, stream, received_s)
+        if t < self.aligner.last_t - self.aligner.lag:
+            self.late[key] += 1
+        if not self.aligner.push(key, t, value):
+            if strict:
+                raise ContractError(f"{stream.topic}: stamp {t:.6f} is before the last one's "
+                                    f"({self.aligner.times[key][-1]:.6f}): out of order")
+            self.problems[key] = f"stamp {t:.6f} out of order"
+
+    def on_instruction(self, text: str) -> None:
+        text = str(text).strip()
+        if text:
+            self.instruction = text
+
+    def on_end_marker(self, text: str, received_s: float) -> dict | None:
+        end, success = episode_end(text, received_s)
+        self.poll(received_s)
+        return self.end_episode(end, success)
+
+    def poll(self, now: float | None) -> None:
+        """Take the frames decided by `now` (None: all of them, the recording ended)."""
+        task = self.task or self.instruction
+        for t, row in self.aligner.frames(now):
+            if self.active:
+                self.frames.append((t, row, task))
+
+    # --- episodes ---
+    def start(self, at_s: float) -> None:
+        """Live: frames after `at_s` form the next episode (those before are dropped)."""
+        self.poll(at_s)
+        self.frames = [f for f in self.frames if f[0] > at_s]
+        self.episode_start, self.active = at_s, True
+
+    def discard(self, at_s: float) -> int:
+        """Drop the episode in progress (the operator says it failed); the next starts after `at_s`."""
+        self.poll(at_s)
+        dropped = sum(1 for f in self.frames if f[0] <= at_s)
+        self.frames = [f for f in self.frames if f[0] > at_s]
+        self.episode_start = at_s
+        self.counts["discarded"] += 1
+        return dropped
+
+    def end_episode(self, end_s: float, success: bool | None = None, stop: bool = False) -> dict | None:
+        """Write the frames before `end_s` as one episode (unless failed and the contract discards
+        failures, or too short); those after it start the next. -> the episode's summary or None."""
+        episode = [f for f in self.frames if self.episode_start < f[0] < end_s]
+        self.frames = [f for f in self.frames if f[0] > end_s]
+        self.episode_start = end_s
+        if stop:
+            self.active = False
+        if not episode:
+            return None
+        if success is False and self.contract.discard_failed:
+            self.counts["discarded"] += 1
+            return None
+        if len(episode) < self.min_frames:
+            self.counts["too_short"] += 1
+            return None
+        task = episode[0][2]
+        if not task:
+            raise ContractError("an episode has no task: give one (--task) or publish the contract's "
+                                "instruction_topic")
+        self.writer.add_episode(stack_frames(self.contract, [(t, row) for t, row, _ in episode]), task)
+        self.writer.flush()  # committed: a crash from here on does not lose it
+        self.counts["episodes"] += 1
+        self.counts["frames"] += len(episode)
+        return {"episode_index": self.writer.num_episodes - 1, "frames": len(episode), "task": task,
+                "start_s": episode[0][0], "end_s": episode[-1][0]}
+
+    def close(self, end_s: float | None = None) -> dict | None:
+        """The end of the recording: decide every frame; with end_s, write the episode in progress."""
+        self.poll(None)
+        summary = self.end_episode(end_s) if end_s is not None else None
+        self.writer.flush()
+        return summary
+
+    def report(self) -> dict:
+        return {**self.counts, "stale": dict(self.aligner.stale), "rejected": dict(self.rejected),
+                "late": dict(self.late), "out_of_order": dict(self.aligner.out_of_order),
+                "problems": dict(self.problems)}
