@@ -3,8 +3,8 @@
 Bags are read with `rosbags` (Apache-2.0, pure Python: no ROS install needed), messages in the
 order the bag stores them (its receive timestamps, as `ros2 bag record` writes them), into the
 same `Recording` the live recorder feeds, so a bag and a live recording of one run give the same
-frames. Episodes: one per bag (`split="bag"`), or split by the contract's `episodes.end_topic`
-(`split="marker"`). Every bag is checked against the contract before anything is written (each
+frames. Episodes: one per bag (`split="bag"`), or between the start and end markers on the
+contract's `episodes.marker_topic` (`split="marker"`). Every bag is checked against the contract before anything is written (each
 topic present with the contract's type), the dataset is written under a temporary directory and
 renamed into place only when every bag imported: a bad bag leaves nothing behind.
 
@@ -18,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from rosbags.rosbag2 import Reader, ReaderError, StoragePlugin, Writer
+from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
 from vla.ros_nodes.contract import STRING, Contract, ContractError
@@ -35,7 +35,7 @@ def typestore():
 def contract_topics(contract: Contract) -> dict[str, str]:
     """topic -> message type, for every topic the contract reads."""
     topics = {s.topic: s.msgtype for s in contract.streams.values()}
-    for topic in (contract.instruction_topic, contract.end_topic):
+    for topic in (contract.instruction_topic, contract.marker_topic):
         if topic:
             topics[topic] = STRING
     return topics
@@ -46,13 +46,13 @@ def _check_bag(path: Path, contract: Contract, split: str) -> None:
     try:
         with Reader(path) as reader:
             have = {c.topic: c.msgtype for c in reader.connections}
-    except (ReaderError, FileNotFoundError, OSError) as e:
-        raise ContractError(f"bag {path}: cannot be read ({e})") from None
+    except Exception as e:  # not a bag, a truncated one: rosbags and sqlite raise many kinds
+        raise ContractError(f"bag {path}: cannot be read ({type(e).__name__}: {e})") from None
     need = {s.topic: s.msgtype for s in contract.streams.values()}
     if split == "marker":
-        if not contract.end_topic:
-            raise ContractError(f"split by marker needs the contract's episodes.end_topic ({contract.source})")
-        need[contract.end_topic] = STRING
+        if not contract.marker_topic:
+            raise ContractError(f"split by marker needs the contract's episodes.marker_topic ({contract.source})")
+        need[contract.marker_topic] = STRING
     for topic, msgtype in need.items():
         if topic not in have:
             raise ContractError(f"bag {path}: no topic {topic} (the contract's; the bag has {sorted(have)})")
@@ -89,11 +89,13 @@ def import_bags(bags: list[str | Path], contract: Contract, out: str | Path, spl
         for bag in bags:
             size += sum(f.stat().st_size for f in bag.rglob("*") if f.is_file())
             recording.restart()  # a bag is a recording of its own: its own clock
+            if split == "bag":
+                recording.start(float("-inf"))
             last_s = None
             try:
                 with Reader(bag) as reader:
                     wanted = [c for c in reader.connections if c.topic in by_topic
-                              or c.topic in (contract.instruction_topic, contract.end_topic)]
+                              or c.topic in (contract.instruction_topic, contract.marker_topic)]
                     for conn, stamp_ns, raw in reader.messages(connections=wanted):
                         now = stamp_ns * 1e-9
                         last_s = now if last_s is None else max(last_s, now)
@@ -107,19 +109,19 @@ def import_bags(bags: list[str | Path], contract: Contract, out: str | Path, spl
                                     raise ContractError(f"bag {bag}: topic {conn.topic}: {e}") from None
                         if conn.topic == contract.instruction_topic:
                             recording.on_instruction(msg.data)
-                        if split == "marker" and conn.topic == contract.end_topic:
-                            recording.on_end_marker(msg.data, now)
+                        if split == "marker" and conn.topic == contract.marker_topic:
+                            recording.on_marker(msg.data, now)
                         else:
                             recording.poll(now)
-            except (ReaderError, OSError, ValueError, KeyError) as e:  # a truncated or corrupt file
-                if isinstance(e, ContractError):
-                    raise
+            except ContractError:
+                raise
+            except Exception as e:  # a truncated or corrupt file: rosbags, sqlite and the CDR decoder raise many kinds
                 raise ContractError(f"bag {bag}: cannot be read to the end ({type(e).__name__}: {e})") from None
             recording.poll(None)
             if split == "bag" and last_s is not None:
                 recording.end_episode(float("inf"))
-            elif split == "marker" and recording.frames:
-                recording.counts["unterminated"] += 1  # frames after the last marker: an unfinished episode
+            elif recording.active:
+                recording.counts["unfinished"] += 1  # a start marker without its end: not written
             reports.append(recording.report())
         recording.close()
         if recording.writer.num_episodes == 0:

@@ -20,7 +20,7 @@ this module imports neither.
       every feature: align (latest | nearest | next | hold), stamp (header | receive), max_age_s
     instruction_topic: /instruction           std_msgs/msg/String; the task of the episodes
     episodes:                                 optional: split a recording without start/stop calls
-      end_topic, discard_failed               std_msgs/msg/String, one per episode end (see episode_end)
+      marker_topic, discard_failed            std_msgs/msg/String: an episode's start and end (episode_marker)
 
 Alignment, for a frame at time t and a stream's samples (time s, in stream order):
     latest   the last sample with s <= t            stale when t - s > max_age_s
@@ -91,7 +91,7 @@ class Contract:
     streams: dict[str, Stream]  # feature key -> stream; cameras first, then state, action
     instruction_topic: str | None = None
     clock: str | None = None
-    end_topic: str | None = None
+    marker_topic: str | None = None
     discard_failed: bool = True
     source: str = "<contract>"
     raw: dict = field(default_factory=dict, compare=False, repr=False)
@@ -231,16 +231,16 @@ def parse_contract(doc, source: str = "<contract>") -> Contract:
     if instruction is not None and (not isinstance(instruction, str) or not instruction.startswith("/")):
         raise ContractError(f"{source}: instruction_topic must be an absolute topic name, got {instruction!r}")
     episodes = doc.get("episodes") or {}
-    if not isinstance(episodes, dict) or set(episodes) - {"end_topic", "discard_failed"}:
-        raise ContractError(f"{source}: episodes takes end_topic and discard_failed, got {episodes!r}")
-    end = episodes.get("end_topic")
-    if end is not None and (not isinstance(end, str) or not end.startswith("/")):
-        raise ContractError(f"{source}: episodes.end_topic must be an absolute topic name, got {end!r}")
+    if not isinstance(episodes, dict) or set(episodes) - {"marker_topic", "discard_failed"}:
+        raise ContractError(f"{source}: episodes takes marker_topic and discard_failed, got {episodes!r}")
+    marker = episodes.get("marker_topic")
+    if marker is not None and (not isinstance(marker, str) or not marker.startswith("/")):
+        raise ContractError(f"{source}: episodes.marker_topic must be an absolute topic name, got {marker!r}")
     discard = episodes.get("discard_failed", True)
     if not isinstance(discard, bool):
         raise ContractError(f"{source}: episodes.discard_failed must be true or false, got {discard!r}")
     return Contract(fps=fps, streams=streams, instruction_topic=instruction, clock=clock,
-                    end_topic=end,
+                    marker_topic=marker,
                     discard_failed=discard, source=source, raw=doc)
 
 
@@ -343,20 +343,24 @@ def sample_time(msg, stream: Stream, received_s: float) -> float:
     return stamp_s(msg) if stream.stamp == "header" else received_s
 
 
-def episode_end(text: str, received_s: float) -> tuple[float, bool | None]:
-    """An end marker -> (the time the episode ends at, its verdict). The episode holds the frames
-    before that time and the next one those after it. JSON {"stamp": s} ends it at s on the
-    header clock (the sim robot stamps its episode's last observation, which is not a frame of
-    either), else at the time the marker was received; {"success": false} marks it failed."""
-    try:
-        doc = json.loads(text)
-    except (TypeError, ValueError):
-        doc = None
-    if not isinstance(doc, dict):
-        return received_s, None
+def episode_marker(text: str, received_s: float) -> tuple[str, float, bool | None] | None:
+    """A marker-topic message -> ("start" | "end", its time, the verdict), or None for anything else.
+    JSON {"event": "start" | "end", "stamp": s, "success": b}, or the plain words start / end. An
+    episode holds the frames from its start's time up to (not including) its end's: the sim robot
+    stamps a start with the episode's first observation and an end with its last, which is no
+    frame (nothing answers it). Without a stamp, the time the marker was received counts."""
+    word = text.strip().lower()
+    doc = {"event": word} if word in ("start", "end") else None
+    if doc is None:
+        try:
+            doc = json.loads(text)
+        except (TypeError, ValueError):
+            return None
+    if not isinstance(doc, dict) or doc.get("event") not in ("start", "end"):
+        return None
     stamp = doc.get("stamp")
-    end = float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else received_s
-    return end, (bool(doc["success"]) if "success" in doc else None)
+    at = float(stamp) if isinstance(stamp, (int, float)) and not isinstance(stamp, bool) else received_s
+    return doc["event"], at, (bool(doc["success"]) if "success" in doc else None)
 
 
 # --- alignment: samples of every stream in, frames at the contract's rate out ---

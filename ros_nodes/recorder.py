@@ -5,8 +5,8 @@ contract's frame rate and writes episode by episode (ros_nodes/recording.py): ea
 episode is committed before the next begins, so a crash loses at most the episode in progress.
 
 Episodes start and stop by service (std_srvs/Trigger `~/start`, `~/stop`, and `~/discard` to drop
-the one in progress when the operator says it failed), or by the contract's end marker topic (the
-sim robot's `~/episode`), which ends one episode and begins the next. The task prompt is the
+the one in progress when the operator says it failed), or by the start and end markers on the
+contract's marker topic (the sim robot's `~/episode`). The task prompt is the
 latest message on the contract's instruction topic, or `task` (`--task`). Progress goes out as
 JSON on `~/status`: episodes and frames written, frames dropped per stale stream, refused and late
 messages.
@@ -56,20 +56,20 @@ def message_class(msgtype: str):
 def subscription_qos(contract: Contract, topic: str) -> QoSProfile:
     if topic == contract.instruction_topic:
         return LATCHED_QOS  # the instruction is latched: a late subscriber still gets it
-    if topic == contract.end_topic:
+    if topic == contract.marker_topic:
         return COMMAND_QOS
     return RECORD_QOS
 
 
 class RecorderNode(Node):
     def __init__(self, contract: Contract, out: str, task: str | None = None, episodes: int | None = None,
-                 start_active: bool | None = None, node_name: str = "vla_recorder"):
-        """episodes: stop after that many are written. start_active: record from the start (default:
-        when the contract has an end marker, which then splits episodes; else wait for ~/start)."""
+                 start_now: bool = False, video: bool = True, node_name: str = "vla_recorder"):
+        """episodes: stop after that many are written. start_now: an episode starts now (else at a
+        start marker or call).
+        video: cameras as mp4 (else PNG in the parquet, lossless)."""
         super().__init__(node_name)
         self.contract = contract
-        self.recording = Recording(contract, out, task=task)
-        self.recording.active = bool(contract.end_topic) if start_active is None else start_active
+        self.recording = Recording(contract, out, task=task, video=video)
         self.episodes_wanted = episodes
         self.written: list[dict] = []
         self.done = False
@@ -80,14 +80,16 @@ class RecorderNode(Node):
         if contract.instruction_topic:
             self.create_subscription(String, contract.instruction_topic,
                                      lambda m: self.recording.on_instruction(m.data), LATCHED_QOS)
-        if contract.end_topic:
-            self.create_subscription(String, contract.end_topic, self._on_end_marker, COMMAND_QOS)
+        if contract.marker_topic:
+            self.create_subscription(String, contract.marker_topic, self._on_marker, COMMAND_QOS)
         self.create_service(Trigger, "~/start", self._on_start)
         self.create_service(Trigger, "~/stop", self._on_stop)
         self.create_service(Trigger, "~/discard", self._on_discard)
         self.status_pub = self.create_publisher(String, "~/status", COMMAND_QOS)
         self.create_timer(0.5 / contract.fps, self._poll)
         self.create_timer(1.0, self._publish_status)
+        if start_now:
+            self.recording.start(self.now())
 
     def now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -101,12 +103,11 @@ class RecorderNode(Node):
         self.written.append(summary)
         self.get_logger().info(f"episode {summary['episode_index']}: {summary['frames']} frames, {summary['task']!r}")
         if self.episodes_wanted is not None and len(self.written) >= self.episodes_wanted:
-            self.recording.active = False
             self.done = True
 
-    def _on_end_marker(self, msg: String) -> None:
+    def _on_marker(self, msg: String) -> None:
         if not self.done:
-            self._written(self.recording.on_end_marker(msg.data, self.now()))
+            self._written(self.recording.on_marker(msg.data, self.now()))
 
     def _on_start(self, request, response):
         self.recording.start(self.now())
@@ -115,7 +116,7 @@ class RecorderNode(Node):
 
     def _on_stop(self, request, response):
         try:
-            summary = self.recording.end_episode(self.now(), stop=True)
+            summary = self.recording.end_episode(self.now())
         except ContractError as e:
             response.success, response.message = False, str(e)
             return response
@@ -137,7 +138,7 @@ class RecorderNode(Node):
         self.status_pub.publish(String(data=json.dumps(self.status())))
 
     def destroy_node(self):
-        self.recording.writer.flush()
+        self.recording.close()
         return super().destroy_node()
 
 
@@ -152,7 +153,7 @@ def cmd_record(args) -> int:
         os.environ["ROS_DOMAIN_ID"] = str(args.domain_id)
     rclpy.init()
     try:
-        node = RecorderNode(contract, args.out, task=args.task, episodes=args.episodes)
+        node = RecorderNode(contract, args.out, task=args.task, episodes=args.episodes, start_now=args.start_now)
     except (ContractError, ValueError, OSError) as e:
         rclpy.shutdown()
         print(f"error: {e}", file=sys.stderr)

@@ -4,9 +4,10 @@
 ros_nodes/bags.py) both feed: the same decoding (ros_nodes/contract.py), the same frame alignment
 and the same episode split, so one run recorded both ways gives the same dataset.
 
-Episodes: an end marker on the contract's `episodes.end_topic` (or a stop call, or the end of a bag)
-ends the episode in progress at its time; the frames before it are written as one episode (a
-failed one is discarded when the contract says so) and the frames after it begin the next. Each
+Episodes: a start marker on the contract's `episodes.marker_topic` (or a start call, or the start
+of a bag) begins one at its time, an end marker (a stop call, the end of a bag) ends it at its time;
+its frames in between are written as one episode (a failed one is discarded when the contract says
+so); frames outside any episode (a recorder started mid-episode) are dropped. Each
 episode is written and committed on its own (DatasetWriter.flush), so a crash loses at most the
 episode in progress and the dataset on disk stays readable.
 """
@@ -18,7 +19,17 @@ from collections import Counter
 from pathlib import Path
 
 from vla.dataset import DatasetWriter
-from vla.ros_nodes.contract import Contract, ContractError, FrameAligner, decode, episode_end, sample_time, stack_frames
+from vla.ros_nodes.contract import (
+    Contract,
+    ContractError,
+    FrameAligner,
+    decode,
+    episode_marker,
+    sample_time,
+    stack_frames,
+)
+
+KEEP_OUTSIDE_S = 2.0  # frames decided outside an episode wait this long for a start marker stamped before them
 
 
 class Recording:
@@ -31,8 +42,8 @@ class Recording:
         self.task = task  # fixed, or None: the instruction topic's
         self.instruction: str | None = None
         self.frames: list[tuple[float, dict, str | None]] = []  # decided, not yet written: (t, row, task)
-        self.episode_start = -math.inf  # frames after this time belong to the episode in progress
-        self.active = True  # live: between start and stop calls
+        self.episode_start = -math.inf  # the episode in progress holds the frames from this time on
+        self.active = False  # an episode is in progress
         self.min_frames = min_frames
         self.counts = Counter()  # episodes, frames, discarded, ...
         self.rejected: Counter = Counter()  # stream -> messages refused (decode errors)
@@ -42,7 +53,7 @@ class Recording:
     def restart(self) -> None:
         """A new recording into the same dataset (the next bag): a new clock, nothing in progress."""
         self.aligner = FrameAligner(self.contract, self.aligner.lag)
-        self.frames, self.instruction, self.episode_start = [], None, -math.inf
+        self.frames, self.instruction, self.episode_start, self.active = [], None, -math.inf, False
 
     # --- input, in arrival order ---
     def on_message(self, key: str, msg, received_s: float, strict: bool = False) -> None:
@@ -70,43 +81,49 @@ class Recording:
         if text:
             self.instruction = text
 
-    def on_end_marker(self, text: str, received_s: float) -> dict | None:
-        end, success = episode_end(text, received_s)
+    def on_marker(self, text: str, received_s: float) -> dict | None:
+        """A marker-topic message: starts or ends an episode; -> the summary of one written."""
+        marker = episode_marker(text, received_s)
+        if marker is None:
+            return None
+        event, at, success = marker
         self.poll(received_s)
-        return self.end_episode(end, success)
+        if event == "start":
+            if self.active:  # a start without an end: the one in progress never finished
+                self.counts["unfinished"] += 1
+            self.start(at)
+            return None
+        return self.end_episode(at, success)
 
     def poll(self, now: float | None) -> None:
         """Take the frames decided by `now` (None: all of them, the recording ended)."""
         task = self.task or self.instruction
-        for t, row in self.aligner.frames(now):
-            if self.active:
-                self.frames.append((t, row, task))
+        self.frames += [(t, row, task) for t, row in self.aligner.frames(now)]
+        if not self.active and now is not None:  # outside an episode: kept a little, for a late start marker
+            self.frames = [f for f in self.frames if f[0] >= now - KEEP_OUTSIDE_S]
 
     # --- episodes ---
     def start(self, at_s: float) -> None:
-        """Live: frames after `at_s` form the next episode (those before are dropped)."""
-        self.poll(at_s)
-        self.frames = [f for f in self.frames if f[0] > at_s]
+        """The frames from `at_s` on form an episode (those before are dropped)."""
+        self.frames = [f for f in self.frames if f[0] >= at_s]
         self.episode_start, self.active = at_s, True
 
     def discard(self, at_s: float) -> int:
-        """Drop the episode in progress (the operator says it failed); the next starts after `at_s`."""
-        self.poll(at_s)
-        dropped = sum(1 for f in self.frames if f[0] <= at_s)
-        self.frames = [f for f in self.frames if f[0] > at_s]
-        self.episode_start = at_s
-        self.counts["discarded"] += 1
+        """Drop the episode in progress (the operator says it failed); nothing is recorded until the next start."""
+        dropped = sum(1 for f in self.frames if f[0] < at_s)
+        self.frames = [f for f in self.frames if f[0] >= at_s]
+        if self.active:
+            self.counts["discarded"] += 1
+        self.active = False
         return dropped
 
-    def end_episode(self, end_s: float, success: bool | None = None, stop: bool = False) -> dict | None:
-        """Write the frames before `end_s` as one episode (unless failed and the contract discards
-        failures, or too short); those after it start the next. -> the episode's summary or None."""
-        episode = [f for f in self.frames if self.episode_start < f[0] < end_s]
+    def end_episode(self, end_s: float, success: bool | None = None) -> dict | None:
+        """Write the episode in progress: its frames before `end_s` (unless failed and the contract
+        discards failures, or too short). -> its summary or None."""
+        episode = [f for f in self.frames if self.episode_start <= f[0] < end_s]
         self.frames = [f for f in self.frames if f[0] > end_s]
-        self.episode_start = end_s
-        if stop:
-            self.active = False
-        if not episode:
+        was_active, self.active = self.active, False
+        if not was_active or not episode:
             return None
         if success is False and self.contract.discard_failed:
             self.counts["discarded"] += 1
@@ -125,12 +142,12 @@ class Recording:
         return {"episode_index": self.writer.num_episodes - 1, "frames": len(episode), "task": task,
                 "start_s": episode[0][0], "end_s": episode[-1][0]}
 
-    def close(self, end_s: float | None = None) -> dict | None:
-        """The end of the recording: decide every frame; with end_s, write the episode in progress."""
-        self.poll(None)
-        summary = self.end_episode(end_s) if end_s is not None else None
+    def close(self) -> None:
+        """The end of the recording: an episode still in progress is not written (it never ended)."""
+        if self.active:
+            self.counts["unfinished"] += 1
+        self.active = False
         self.writer.flush()
-        return summary
 
     def report(self) -> dict:
         return {**self.counts, "stale": dict(self.aligner.stale), "rejected": dict(self.rejected),

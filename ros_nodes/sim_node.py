@@ -4,8 +4,9 @@ Every control period of the sim (0.1 s) it applies the latest command (JointTraj
 Float64MultiArray, as the policy node sends them), steps the physics, and publishes one
 sensor_msgs/Image per camera (rgb8) and the sensor_msgs/JointState, stamped with the time of
 the frame. The instruction goes out latched on a String topic at every episode start; when an
-episode ends (success or time limit) a JSON String on `~/episode` reports it (with the stamp of
-the episode's last observation, which ends the episode for a recorder) and the next seed starts.
+episode starts, `~/episode` says so ({"event": "start", "stamp": its first observation's}); when it
+ends (success or time limit), a JSON report there ({"event": "end", "success": ..., "stamp": its last
+observation's}) marks the end for a recorder, and the next seed starts.
 
 An episode start teleports the arm to the new layout's start pose, which no real arm does: so the
 sim calls the policy node's `~/reset` service first (as an operator would after homing an arm),
@@ -74,6 +75,8 @@ class SimRobotNode(Node):
         self.instruction_pub.publish(String(data=self.env.instruction))
         self._publish(self.obs)
         self.episode_stamp = self.frame_stamp
+        self.episode_pub.publish(String(data=json.dumps({"event": "start", "seed": self.seed,
+                                                         "stamp": self.episode_stamp})))
 
     def _set_command(self, values, stamp=None) -> None:
         if self._resetting is not None or (stamp is not None and self._accept_after is not None
@@ -120,7 +123,7 @@ class SimRobotNode(Node):
         self.obs, _, terminated, truncated, info = self.env.step(np.asarray(action, dtype=np.float32))
         self._publish(self.obs)
         if terminated or truncated:
-            result = {"task": self.env.task.name, "seed": self.seed, "success": bool(info["success"]),
+            result = {"event": "end", "task": self.env.task.name, "seed": self.seed, "success": bool(info["success"]),
                       "steps": self.env.steps, "instruction": self.env.instruction, "stamp": self.frame_stamp}
             self.results.append(result)
             self.episode_pub.publish(String(data=json.dumps(result)))

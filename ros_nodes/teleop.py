@@ -30,17 +30,20 @@ from vla.sim.experts import ScriptedExpert
 
 
 class TeleopNode(Node):
-    def __init__(self, sim: SimRobotNode, command_topic: str = "/command", node_name: str = "vla_teleop"):
+    def __init__(self, command_topic: str = "/command", node_name: str = "vla_teleop"):
+        """Made before the sim robot (so it hears the robot's first state), then `attach`ed to it."""
         super().__init__(node_name)
-        self.sim = sim
-        self.expert = ScriptedExpert(sim.env)
+        self.sim: SimRobotNode | None = None
         self.episode = None  # (seed, episodes finished) of the episode the expert plans for
         self.commands = 0
         self.pub = self.create_publisher(JointTrajectory, command_topic, COMMAND_QOS)
         self.create_subscription(JointState, "/joint_states", self._on_joints, qos_profile_sensor_data)
 
+    def attach(self, sim: SimRobotNode) -> None:
+        self.sim, self.expert, self.episode = sim, ScriptedExpert(sim.env), None
+
     def _on_joints(self, msg: JointState) -> None:
-        if self.sim.done or stamp_s(msg) < self.sim.episode_stamp:
+        if self.sim is None or self.sim.done or stamp_s(msg) < self.sim.episode_stamp:
             return  # the last episode's final state: the sim has reset since
         episode = (self.sim.seed, len(self.sim.results))
         if episode != self.episode:
@@ -60,9 +63,10 @@ def teleop(tasks: list[str], episodes: int, seed: int = 0, image_size: int = 96,
     `extra_nodes` (a recorder, a bag writer) spin beside them. -> the sim's episode results."""
     results = []
     for task in tasks:
+        op = TeleopNode()
         sim = SimRobotNode(task, seed=seed, episodes=episodes, image_size=image_size, cameras=cameras,
                            node_name="vla_sim_robot")
-        op = TeleopNode(sim)
+        op.attach(sim)
         executor = SingleThreadedExecutor()
         for node in (sim, op, *extra_nodes):
             executor.add_node(node)

@@ -22,7 +22,7 @@ from vla.ros_nodes.contract import (  # noqa: E402
     FrameAligner,
     decode,
     decode_image,
-    episode_end,
+    episode_marker,
     load_contract,
     parse_contract,
 )
@@ -57,7 +57,7 @@ def test_the_sim_contract_parses():
     c = load_contract(SIM_CONTRACT)
     assert c.fps == 10 and c.cameras == ["front", "wrist"] and c.clock == "observation.images.front"
     assert list(c.streams) == ["observation.images.front", "observation.images.wrist", "observation.state", "action"]
-    assert c.streams["action"].align == "next" and c.end_topic == "/vla_sim_robot/episode"
+    assert c.streams["action"].align == "next" and c.marker_topic == "/vla_sim_robot/episode"
     assert c.features()["observation.state"]["names"] == ["j1", "j2", "j3", "j4", "j5", "j6", "gripper"]
 
 
@@ -232,10 +232,11 @@ def test_out_of_order_samples_are_refused_and_counted():
     assert a.out_of_order == {"observation.state": 1}
 
 
-def test_episode_end_markers():
-    assert episode_end('{"success": false, "stamp": 12.5}', 13.0) == (12.5, False)
-    assert episode_end('{"success": true}', 13.0) == (13.0, True)
-    assert episode_end("done", 13.0) == (13.0, None)
+def test_episode_markers():
+    assert episode_marker('{"event": "end", "success": false, "stamp": 12.5}', 13.0) == ("end", 12.5, False)
+    assert episode_marker('{"event": "start"}', 13.0) == ("start", 13.0, None)
+    assert episode_marker(" End ", 13.0) == ("end", 13.0, None)
+    assert episode_marker('{"success": true}', 13.0) is None and episode_marker("done", 13.0) is None
 
 
 # --- a recording, without ROS: episodes split at end markers, failures discarded, each committed ---
@@ -269,30 +270,38 @@ def _small_sim_contract():
 def test_a_recording_splits_at_end_markers_discards_failures_and_commits_each_episode(tmp_path):
     c = _small_sim_contract()
     rec = Recording(c, tmp_path / "ds", video=False)
+    _feed(rec, 99.0, 4)  # before any start marker (a recorder started mid-episode): dropped
+    rec.on_marker(f'{{"event": "end", "stamp": {99.3}}}', 99.35)
     rec.on_instruction("pick the cube")
+    rec.on_marker('{"event": "start", "stamp": 100.0}', 100.001)
     last = _feed(rec, 100.0, 6)  # frames 100.0 .. 100.5; the last one is the episode's final state
-    rec.on_end_marker(f'{{"success": true, "stamp": {last}}}', last + 0.05)
+    rec.on_marker(f'{{"event": "end", "success": true, "stamp": {last}}}', last + 0.05)
     assert LeRobotDataset(tmp_path / "ds").meta.info["total_episodes"] == 1  # on disk before the next begins
     rec.on_instruction("open the drawer")
+    rec.on_marker('{"event": "start", "stamp": 101.0}', 101.001)
     last = _feed(rec, 101.0, 4)
-    rec.on_end_marker(f'{{"success": false, "stamp": {last}}}', last + 0.05)
+    rec.on_marker(f'{{"event": "end", "success": false, "stamp": {last}}}', last + 0.05)
     rec.on_instruction("press the button")
-    last = _feed(rec, 102.0, 3)
-    rec.on_end_marker(f'{{"success": true, "stamp": {last}}}', last + 0.05)
+    last = _feed(rec, 102.0, 3)  # the start marker arrives after the episode's first frames were decided
+    rec.on_marker('{"event": "start", "stamp": 102.0}', 102.25)
+    rec.on_marker(f'{{"event": "end", "success": true, "stamp": {last}}}', last + 0.05)
+    rec.on_marker('{"event": "start", "stamp": 103.0}', 103.0)
+    _feed(rec, 103.0, 3)  # never ends: not written
     rec.close()
     ds = LeRobotDataset(tmp_path / "ds")
     assert ds.meta.info["total_episodes"] == 2 and [e["length"] for e in ds.meta.episodes] == [5, 2]
-    assert [e["tasks"] for e in ds.meta.episodes] == [["pick the cube"], ["press the button"]]
+    assert [list(e["tasks"]) for e in ds.meta.episodes] == [["pick the cube"], ["press the button"]]
     assert ds.meta.info["ros_contract"] == c.signature()
     np.testing.assert_allclose(ds.batch([0])["action"][0, 0], [0.5] * 3)  # frame 0 paired with the command it got
-    assert rec.report()["discarded"] == 1
+    assert rec.report()["discarded"] == 1 and rec.report()["unfinished"] == 1
 
 
 def test_a_recording_refuses_a_dataset_of_another_contract(tmp_path):
     c = _small_sim_contract()
     rec = Recording(c, tmp_path / "ds", task="t", video=False)
+    rec.start(5.0)
     last = _feed(rec, 5.0, 3)
-    rec.on_end_marker(f'{{"stamp": {last}}}', last)
+    rec.on_marker(f'{{"event": "end", "stamp": {last}}}', last)
     doc = copy.deepcopy(c.raw)
     doc["fps"] = 20
     with pytest.raises(Exception, match="fps"):

@@ -120,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     rec.add_argument("--out", required=True, help="dataset directory (new, or one recorded with this contract)")
     rec.add_argument("--episodes", type=int, default=None, help="stop after this many episodes (default: Ctrl-C)")
     rec.add_argument("--task", default=None, help="the task prompt (default: the contract's instruction topic)")
+    rec.add_argument("--start-now", action="store_true",
+                     help="an episode starts at once (else at the contract's start marker or the ~/start service)")
     rec.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     rec.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID")
     rec.set_defaults(job="vla.ros_nodes.recorder:cmd_record")
