@@ -60,6 +60,7 @@ JOINT_FIELDS = ("position", "velocity", "effort")
 ENCODINGS = {"rgb8": (3, np.uint8), "bgr8": (3, np.uint8), "rgba8": (4, np.uint8), "bgra8": (4, np.uint8),
              "mono8": (1, np.uint8), "mono16": (1, np.uint16)}
 CAMERA_PREFIX = "observation.images."
+MIN_LAG_S = 1.0  # live, a frame waits this long at least for a late stream before it is judged without it
 VECTOR_KEYS = ("observation.state", "action")
 
 
@@ -257,7 +258,10 @@ def load_contract(path: str | Path) -> Contract:
 
 # --- decoding: one path from a message to an array, live and from a bag ---
 def stamp_s(msg) -> float:
-    return msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9
+    """A header stamp in seconds, computed from its integer nanoseconds: the same float as a clock's
+    `nanoseconds * 1e-9` for the same instant (sec + nanosec * 1e-9 can differ in the last bit, and
+    an episode marker stamped with its first frame's time would then miss that frame)."""
+    return (msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec) * 1e-9
 
 
 def resize_frame(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -378,7 +382,7 @@ class FrameAligner:
         self.contract = contract
         self.period = 1.0 / contract.fps
         finite = [s.max_age_s for s in contract.streams.values() if math.isfinite(s.max_age_s)]
-        self.lag = lag_s if lag_s is not None else max(finite + [self.period])
+        self.lag = lag_s if lag_s is not None else max(finite + [self.period, MIN_LAG_S])
         self.times: dict[str, list[float]] = {k: [] for k in contract.streams}
         self.values: dict[str, list] = {k: [] for k in contract.streams}
         self.cameras = [k for k, s in contract.streams.items() if s.is_image]

@@ -2,7 +2,7 @@
 leader arm would drive a real one.
 
 It answers every joint state the sim robot publishes with the expert's next command, as a
-stamped JointTrajectory on the command topic, like a leader arm's bridge. The expert plans from the
+JointTrajectory on the command topic stamped with that joint state's stamp (the reading it answers). The expert plans from the
 simulation's true scene (a person sees the table), read from the sim robot node in this process;
 what reaches the robot goes only through the topic. `vla teleop` runs the two nodes, the robot side
 of `vla record`.
@@ -52,7 +52,7 @@ class TeleopNode(Node):
         q = self.expert.act()
         traj = JointTrajectory(joint_names=list(self.sim.joint_names),
                                points=[JointTrajectoryPoint(positions=[float(x) for x in q])])
-        traj.header.stamp = self.get_clock().now().to_msg()
+        traj.header.stamp = msg.header.stamp  # the observation it answers, as a leader arm's bridge stamps its reading
         self.pub.publish(traj)
         self.commands += 1
 

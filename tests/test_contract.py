@@ -25,6 +25,7 @@ from vla.ros_nodes.contract import (  # noqa: E402
     episode_marker,
     load_contract,
     parse_contract,
+    stamp_s,
 )
 from vla.ros_nodes.recording import Recording  # noqa: E402
 
@@ -306,3 +307,13 @@ def test_a_recording_refuses_a_dataset_of_another_contract(tmp_path):
     doc["fps"] = 20
     with pytest.raises(Exception, match="fps"):
         Recording(parse_contract(doc), tmp_path / "ds", task="t", video=False)
+
+
+def test_a_header_stamp_in_seconds_is_the_clocks_float_for_that_instant():
+    """A marker stamped with `clock.now().nanoseconds * 1e-9` must equal the stamp_s() of the frame
+    published at that instant, or the episode it starts misses its first frame (it did: sec +
+    nanosec * 1e-9 differs in the last bit for many instants)."""
+    for ns in range(1_796_209_950_000_000_000, 1_796_209_952_000_000_000, 8_021_947):
+        msg = JointState()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(ns, 1_000_000_000)
+        assert stamp_s(msg) == ns * 1e-9
