@@ -3,6 +3,8 @@ while two bag writers record the same run (sqlite3 and MCAP), and `vla import-ba
 into datasets equal to the live one frame for frame; a recorder killed mid-episode leaves a
 readable dataset; bad bags get one clear error naming the bag and topic, and leave nothing behind."""
 
+import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("rosbags")
@@ -19,11 +22,17 @@ pytest.importorskip("rosbags")
 from rosbags.rosbag2 import StoragePlugin, Writer  # noqa: E402
 
 from vla.cli import main as vla_main  # noqa: E402
+from vla.config import TrainConfig, VLAConfig  # noqa: E402
 from vla.dataset import LeRobotDataset  # noqa: E402
+from vla.jobs.train import Trainer  # noqa: E402
+from vla.policies import shipped_policy  # noqa: E402
 from vla.ros_nodes.bags import BagWriterNode, import_bags, typestore  # noqa: E402
 from vla.ros_nodes.contract import ContractError, load_contract  # noqa: E402
+from vla.ros_nodes.policy_node import PolicyNode  # noqa: E402
 from vla.ros_nodes.recorder import RecorderNode  # noqa: E402
+from vla.ros_nodes.run import run  # noqa: E402
 from vla.ros_nodes.teleop import teleop  # noqa: E402
+from vla.spec import PolicySpec  # noqa: E402
 
 CONTRACT = Path(__file__).resolve().parents[1] / "configs" / "ros_contract_sim.yaml"
 DOMAIN = 200 + os.getpid() % 30
@@ -219,3 +228,55 @@ def test_a_recorder_killed_mid_episode_leaves_a_readable_dataset(tmp_path):
     assert ds.meta.info["total_episodes"] == 1  # the finished one; the one in progress is absent
     frames = ds.frames("observation.images.front", list(range(ds.meta.info["total_frames"])))
     assert frames.shape[1:] == (96, 96, 3)
+
+
+# --- the contract travels with the policy ---
+TINY = {
+    "horizon": 4, "n_action_steps": 2,
+    "backbone": {"image_size": 32, "patch_size": 8, "scale_factor": 2, "vision_hidden": 32, "vision_layers": 1,
+                 "vision_heads": 2, "vision_mlp": 64, "text_hidden": 64, "text_layers": 2, "text_heads": 2,
+                 "text_kv_heads": 1, "text_mlp": 128, "max_text_tokens": 8},
+    "head": {"type": "l1", "hidden": 64, "layers": 1, "heads": 2, "mlp": 128},
+}
+
+
+class _WithSpec:
+    """A policy with another spec (the fault injected: an artifact trained on another recording)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+
+
+def test_a_policy_trained_on_a_recording_records_its_contract_and_the_node_checks_it(recorded, tmp_path):
+    cfg = TrainConfig(dataset=str(recorded["root"] / "live"), output_dir=str(tmp_path / "run"), steps=1,
+                      batch_size=2, warmup_steps=1, save_every=100, log_every=1, augment=False)
+    final = Trainer(VLAConfig.from_dict(TINY), cfg, progress=False).run()
+    spec = PolicySpec.from_dict(json.loads((final / "spec.json").read_text()))
+    assert spec.ros_contract == recorded["contract"].signature()
+
+    shipped = PolicySpec.from_dict(json.loads((shipped_policy() / "spec.json").read_text()))
+    doc = yaml.safe_load(CONTRACT.read_text())
+    doc["features"]["action"]["max_age_s"] = 0.2
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump(doc))
+    os.environ["ROS_DOMAIN_ID"] = str(DOMAIN + 2)
+    rclpy.init()
+    try:
+        recorded_with = dataclasses.replace(shipped, ros_contract=recorded["contract"].signature())
+        with pytest.raises(ContractError, match=r"does not match the contract the policy's training data was "
+                                                r"recorded with: action \(max_age_s\) differ"):
+            PolicyNode(policy=_WithSpec(recorded_with), contract=str(other))
+        doc["features"]["observation.state"]["names"] = ["a", "b", "c", "d", "e", "f", "g"]
+        doc["features"]["action"]["names"] = ["a", "b", "c", "d", "e", "f", "h"]
+        other.write_text(yaml.safe_dump(doc))
+        with pytest.raises(ValueError, match="commands the joints it measures"):
+            PolicyNode(policy=_WithSpec(shipped), contract=str(other))
+    finally:
+        rclpy.shutdown()
+
+
+def test_vla_run_drives_the_sim_through_the_contract():
+    """The policy node takes its topics, joints, command type and decoding from the contract."""
+    r = run(["press_button"], episodes=1, params={"contract": str(CONTRACT)}, domain_id=DOMAIN + 3, progress=False)
+    assert len(r["episodes"]) == 1 and r["episodes"][0]["success"]
+    assert r["status"]["rejected"] == {} and r["status"]["commands"] > 0
