@@ -15,6 +15,7 @@ messages.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -71,6 +72,7 @@ class RecorderNode(Node):
         self.contract = contract
         self.recording = Recording(contract, out, task=task, video=video)
         self.episodes_wanted = episodes
+        self.by_call = False  # the episode in progress was begun by a start call (or start_now), not a marker
         self.written: list[dict] = []
         self.done = False
         for key, s in contract.streams.items():
@@ -90,6 +92,7 @@ class RecorderNode(Node):
         self.create_timer(1.0, self._publish_status)
         if start_now:
             self.recording.start(self.now())
+            self.by_call = True
 
     def now(self) -> float:
         return self.get_clock().now().nanoseconds * 1e-9
@@ -107,10 +110,12 @@ class RecorderNode(Node):
 
     def _on_marker(self, msg: String) -> None:
         if not self.done:
+            self.by_call = False
             self._written(self.recording.on_marker(msg.data, self.now()))
 
     def _on_start(self, request, response):
         self.recording.start(self.now())
+        self.by_call = True
         response.success, response.message = True, "recording the next episode"
         return response
 
@@ -131,6 +136,13 @@ class RecorderNode(Node):
         response.success, response.message = True, f"discarded the episode in progress ({dropped} frames)"
         return response
 
+    def finish(self) -> None:
+        """A clean exit (Ctrl-C, --timeout): an episode begun by a start call ends and is written; one
+        begun by a start marker never ended and is not."""
+        self.recording.poll(None)
+        if self.recording.active and self.by_call and not self.done:
+            self._written(self.recording.end_episode(math.inf))
+
     def status(self) -> dict:
         return {"episodes": len(self.written), "recording": self.recording.active, **self.recording.report()}
 
@@ -143,7 +155,8 @@ class RecorderNode(Node):
 
 
 def cmd_record(args) -> int:
-    """Record until --episodes are written (or Ctrl-C, which keeps every finished episode)."""
+    """Record until --episodes are written, --timeout or Ctrl-C (every finished episode is kept, and
+    one begun by --start-now or ~/start ends there)."""
     try:
         contract = load_contract(args.contract)
     except ContractError as e:
@@ -167,6 +180,7 @@ def cmd_record(args) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     finally:
+        node.finish()
         print(json.dumps(node.status(), indent=2))
         node.destroy_node()
         rclpy.try_shutdown()

@@ -35,7 +35,10 @@ class SimRobotNode(Node):
     def __init__(self, task: str = "pick_cube", seed: int = EVAL_SEED_START, episodes: int = 1, image_size: int = 96,
                  cameras=("front", "wrist"), image_topic_prefix: str = "/camera", command_topic: str = "/command",
                  command_type: str = "trajectory", joint_names=DEFAULT_JOINTS, instruction_topic: str = "/instruction",
-                 policy_reset_service: str = "/vla_policy/reset", node_name: str = "vla_sim_robot"):
+                 policy_reset_service: str = "/vla_policy/reset", node_name: str = "vla_sim_robot",
+                 speed: float = 1.0):
+        """speed: control periods per 0.1 s of wall time (above 1: faster than real time, for
+        recording demonstrations whose frames are clocked by the camera's messages)."""
         super().__init__(node_name)
 
         self.env = make_env(task, image_size=image_size, cameras=tuple(cameras))
@@ -58,7 +61,9 @@ class SimRobotNode(Node):
         self.frame_stamp = 0.0  # the stamp (s) of the observation published last
         self.episode_stamp = 0.0  # the stamp of the episode's first observation
         self.begin(seed, episodes)
-        self.timer = self.create_timer(1.0 / CONTROL_HZ, self._tick)
+        if not speed > 0:
+            raise ValueError(f"speed must be positive, got {speed}")
+        self.timer = self.create_timer(1.0 / (CONTROL_HZ * speed), self._tick)
 
     def begin(self, seed: int, episodes: int) -> None:
         """Run `episodes` more episodes from `seed` (the same node and env, as a robot driver stays up)."""

@@ -58,14 +58,14 @@ class TeleopNode(Node):
 
 
 def teleop(tasks: list[str], episodes: int, seed: int = 0, image_size: int = 96, cameras=("front", "wrist"),
-           timeout_s: float = 3600.0, extra_nodes=(), progress: bool = True) -> list[dict]:
+           timeout_s: float = 3600.0, extra_nodes=(), progress: bool = True, speed: float = 1.0) -> list[dict]:
     """Each task's `episodes` expert episodes from `seed`, through ROS2 (rclpy must be initialized);
     `extra_nodes` (a recorder, a bag writer) spin beside them. -> the sim's episode results."""
     results = []
     for task in tasks:
         op = TeleopNode()
         sim = SimRobotNode(task, seed=seed, episodes=episodes, image_size=image_size, cameras=cameras,
-                           node_name="vla_sim_robot")
+                           node_name="vla_sim_robot", speed=speed)
         op.attach(sim)
         executor = SingleThreadedExecutor()
         for node in (sim, op, *extra_nodes):
@@ -98,7 +98,7 @@ def cmd_teleop(args) -> int:
     rclpy.init()
     try:
         results = teleop(tasks, args.episodes, seed=args.seed, image_size=args.image_size,
-                         cameras=tuple(args.cameras.split(",")))
+                         cameras=tuple(args.cameras.split(",")), speed=args.speed)
     except (KeyboardInterrupt, ExternalShutdownException):
         results = []
     finally:

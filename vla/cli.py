@@ -79,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--json", action="store_true")
     bp.set_defaults(job="vla.jobs.bench:cmd_bench")
 
+    br = sub.add_parser("bench-record", help="recording overhead at a robot's rate (CPU, dropped frames) and "
+                                             "bag import throughput")
+    br.add_argument("--rate", type=int, default=50, help="Hz of the cameras, joints, commands and frames")
+    br.add_argument("--seconds", type=float, default=20.0)
+    br.add_argument("--size", default="96x96", help="camera frames, WIDTHxHEIGHT (e.g. 640x480)")
+    br.add_argument("--domain-id", type=int, default=77, help="ROS_DOMAIN_ID")
+    br.set_defaults(job="vla.ros_nodes.bench:cmd_bench_record")
+
     sv = sub.add_parser("serve", help="serve a policy over zmq (msgpack request/reply)")
     sv.add_argument("--policy", default=None, help="artifact directory (default: the shipped policy)")
     sv.add_argument("--bind", default="tcp://127.0.0.1:5555", help="loopback unless CURVE keys are given")
@@ -142,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     tl.add_argument("--seed", type=int, default=0, help="the first episode's seed")
     tl.add_argument("--image-size", type=int, default=96)
     tl.add_argument("--cameras", default="front,wrist")
+    tl.add_argument("--speed", type=float, default=1.0,
+                    help="sim control periods per 0.1 s of wall time (2: twice real time; the contract clocks frames "
+                         "by the camera's messages)")
     tl.add_argument("--domain-id", type=int, default=None, help="ROS_DOMAIN_ID")
     tl.set_defaults(job="vla.ros_nodes.teleop:cmd_teleop")
 
