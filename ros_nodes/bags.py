@@ -14,14 +14,16 @@ renamed into place only when every bag imported: a bad bag leaves nothing behind
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
-from vla.ros_nodes.contract import STRING, Contract, ContractError
+from vla.ros_nodes.contract import STRING, Contract, ContractError, load_contract
 from vla.ros_nodes.recording import Recording
 
 STORAGES = {"sqlite3": StoragePlugin.SQLITE3, "mcap": StoragePlugin.MCAP}
@@ -120,8 +122,9 @@ def import_bags(bags: list[str | Path], contract: Contract, out: str | Path, spl
             recording.poll(None)
             if split == "bag" and last_s is not None:
                 recording.end_episode(float("inf"))
-            elif recording.active:
-                recording.counts["unfinished"] += 1  # a start marker without its end: not written
+            elif recording.active:  # a start marker without its end: not written
+                recording.counts["unfinished"] += 1
+                recording.active = False
             reports.append(recording.report())
         recording.close()
         if recording.writer.num_episodes == 0:
@@ -148,11 +151,6 @@ def _summed(dicts) -> dict:
 
 
 def cmd_import_bag(args) -> int:
-    import json
-    import sys
-
-    from vla.ros_nodes.contract import load_contract
-
     try:
         contract = load_contract(args.contract)
         report = import_bags(args.bags, contract, args.out, split=args.split, task=args.task)
