@@ -168,9 +168,9 @@ class BagWriterNode:
 
     @staticmethod
     def create(contract: Contract, path: str | Path, storage: str = "mcap", node_name: str = "vla_bag_writer"):
-        from rclpy.node import Node
+        from rclpy.node import Node  # optional: import-bag runs without rclpy
 
-        from vla.ros_nodes.recorder import message_class, subscription_qos
+        from vla.ros_nodes.recorder import message_class, subscription_qos  # optional: rclpy
 
         if storage not in STORAGES:
             raise ContractError(f"storage must be one of {list(STORAGES)}, got {storage!r}")

@@ -103,7 +103,7 @@ class Contract:
 
     def features(self, video: bool = True) -> dict:
         """The dataset features this contract records (DatasetWriter's `features`)."""
-        from vla.dataset import image_feature, video_feature  # the dataset writer, only where one is written
+        from vla.dataset import image_feature, video_feature  # optional: keeps the node torch-free
 
         out = {}
         for key, s in self.streams.items():

@@ -7,7 +7,8 @@ import pytest
 
 from vla.cli import main
 
-SUBCOMMANDS = ["demo", "collect", "experts", "bench-sim", "bench", "serve", "keygen", "node", "run", "train", "eval"]
+SUBCOMMANDS = ["demo", "collect", "experts", "bench-sim", "bench", "bench-record", "serve", "keygen", "node", "run",
+               "record", "import-bag", "teleop", "train", "eval"]
 
 
 def test_vla_help_lists_every_subcommand():

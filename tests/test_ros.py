@@ -171,7 +171,7 @@ def test_estop_latches_until_reset_by_the_service(graph):
 def test_malformed_messages_are_rejected_counted_and_the_node_runs_on(graph):
     node, robot = graph
     before = dict(node.rejected)
-    robot.cams["front"].publish(robot.image(encoding="mono8"))
+    robot.cams["front"].publish(robot.image(encoding="yuv422"))
     robot.cams["front"].publish(robot.image(size=32))
     robot.joints.publish(robot.joint_state(q=[np.nan] * 7))
     robot.joints.publish(robot.joint_state(names=["a", "b", "c", "d", "e", "f", "g"]))
