@@ -85,12 +85,11 @@ def import_bags(bags: list[str | Path], contract: Contract, out: str | Path, spl
     for key, s in contract.streams.items():
         by_topic.setdefault(s.topic, []).append(key)
     t0, size, messages = time.perf_counter(), 0, 0
-    reports = []
     try:
         recording = Recording(contract, tmp, task=task, video=video)
         for bag in bags:
             size += sum(f.stat().st_size for f in bag.rglob("*") if f.is_file())
-            recording.restart()  # a bag is a recording of its own: its own clock
+            recording.restart()  # a bag is a recording of its own: its own clock, its own episodes
             if split == "bag":
                 recording.start(float("-inf"))
             last_s = None
@@ -122,14 +121,10 @@ def import_bags(bags: list[str | Path], contract: Contract, out: str | Path, spl
             recording.poll(None)
             if split == "bag" and last_s is not None:
                 recording.end_episode(float("inf"))
-            elif recording.active:  # a start marker without its end: not written
-                recording.counts["unfinished"] += 1
-                recording.active = False
-            reports.append(recording.report())
         recording.close()
         if recording.writer.num_episodes == 0:
             raise ContractError(f"no episode in {[str(b) for b in bags]}: no frame had every stream fresh "
-                                f"(dropped per stream: {recording.aligner.stale})")
+                                f"(dropped per stream: {recording.report()['stale']})")
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,17 +132,8 @@ def import_bags(bags: list[str | Path], contract: Contract, out: str | Path, spl
     seconds = time.perf_counter() - t0
     report = recording.report()
     report.update(bags=len(bags), messages=messages, seconds=seconds, bag_mb=size / 1e6,
-                  frames_per_s=report.get("frames", 0) / seconds, mb_per_s=size / 1e6 / seconds,
-                  stale=_summed(r["stale"] for r in reports))
+                  frames_per_s=report.get("frames", 0) / seconds, mb_per_s=size / 1e6 / seconds)
     return report
-
-
-def _summed(dicts) -> dict:
-    total: dict = {}
-    for d in dicts:
-        for k, v in d.items():
-            total[k] = total.get(k, 0) + v
-    return total
 
 
 def cmd_import_bag(args) -> int:
@@ -170,7 +156,8 @@ class BagWriterNode:
     def create(contract: Contract, path: str | Path, storage: str = "mcap", node_name: str = "vla_bag_writer"):
         from rclpy.node import Node  # optional: import-bag runs without rclpy
 
-        from vla.ros_nodes.recorder import message_class, subscription_qos  # optional: rclpy
+        from vla.ros_nodes.policy_node import MESSAGE_CLASSES  # optional: rclpy
+        from vla.ros_nodes.recorder import subscription_qos  # optional: rclpy
 
         if storage not in STORAGES:
             raise ContractError(f"storage must be one of {list(STORAGES)}, got {storage!r}")
@@ -184,7 +171,7 @@ class BagWriterNode:
                 self.counts = {}
                 for topic, msgtype in contract_topics(contract).items():
                     conn = self.writer.add_connection(topic, msgtype, typestore=store)
-                    self.create_subscription(message_class(msgtype), topic, lambda raw, c=conn: self._write(c, raw),
+                    self.create_subscription(MESSAGE_CLASSES[msgtype], topic, lambda raw, c=conn: self._write(c, raw),
                                              subscription_qos(contract, topic), raw=True)
 
             def _write(self, conn, raw: bytes) -> None:

@@ -87,9 +87,9 @@ def bench_record(rate: int = 50, seconds: float = 20.0, height: int = 96, width:
                  domain_id: int = 77) -> dict:
     work = Path(tempfile.mkdtemp(prefix="vla-bench-record-"))
     try:
-        contract_path = work / "contract.yaml"
-        contract_path.write_text(yaml.safe_dump(bench_contract(rate, height, width)))
-        contract = parse_contract(bench_contract(rate, height, width), str(contract_path))
+        doc, contract_path = bench_contract(rate, height, width), work / "contract.yaml"
+        contract_path.write_text(yaml.safe_dump(doc))
+        contract = parse_contract(doc, str(contract_path))
         env = {**os.environ, "ROS_DOMAIN_ID": str(domain_id)}
         recorder = subprocess.Popen(
             [sys.executable, "-m", "vla.cli", "record", "--contract", str(contract_path), "--out", str(work / "ds"),

@@ -50,8 +50,10 @@ from trajectory_msgs.msg import JointTrajectory, JointTrajectoryPoint
 from vla.config import ServeConfig, fast_config
 from vla.ros_nodes.contract import (
     ARRAY,
+    COMPRESSED,
     IMAGE,
     JOINT_STATE,
+    STRING,
     TRAJECTORY,
     Contract,
     Stream,
@@ -74,7 +76,8 @@ COMMAND_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.RELIABLE)
 ESTOP_BEST_EFFORT_QOS = QoSProfile(depth=10, reliability=QoSReliabilityPolicy.BEST_EFFORT)
 LATCHED_QOS = QoSProfile(depth=1, reliability=QoSReliabilityPolicy.RELIABLE,
                          durability=QoSDurabilityPolicy.TRANSIENT_LOCAL)
-IMAGE_CLASSES = {IMAGE: Image, "sensor_msgs/msg/CompressedImage": CompressedImage}
+MESSAGE_CLASSES = {IMAGE: Image, COMPRESSED: CompressedImage, JOINT_STATE: JointState, TRAJECTORY: JointTrajectory,
+                   ARRAY: Float64MultiArray, STRING: String}  # a contract's type names -> rclpy's classes
 ESTOP_ASSERTED_S = 1.0  # an e-stop True on the topic this recent means the button is still pressed
 LEVELS = {"ok": DiagnosticStatus.OK, "waiting": DiagnosticStatus.WARN, "stale": DiagnosticStatus.WARN,
           "estop": DiagnosticStatus.ERROR, "fault": DiagnosticStatus.ERROR}
@@ -173,7 +176,7 @@ class PolicyNode(Node):
         c = self.contract
         for cam in self.cameras:
             topic = c.streams[f"observation.images.{cam}"].topic if c else f"{g('image_topic_prefix')}/{cam}/image_raw"
-            msg_type = IMAGE_CLASSES[c.streams[f"observation.images.{cam}"].msgtype] if c else Image
+            msg_type = MESSAGE_CLASSES[c.streams[f"observation.images.{cam}"].msgtype] if c else Image
             self.create_subscription(msg_type, topic, lambda m, c=cam: self._on_image(c, m), qos_profile_sensor_data,
                                      callback_group=sensors)
         self.create_subscription(JointState, c.streams["observation.state"].topic if c else g("joint_states_topic"),
@@ -297,12 +300,18 @@ class PolicyNode(Node):
         self.last_stamp[stream] = stamp
         return value, stamp, now
 
-    def _on_image(self, cam: str, msg: Image) -> None:
+    def _decode_image(self, cam: str, msg) -> np.ndarray:
         if self.contract is not None:  # decoded (and resized) exactly as the recorder decodes
-            stream = self.contract.streams[f"observation.images.{cam}"]
-            got = self._accept(f"image_{cam}", msg, lambda: decode(msg, stream))
-        else:
-            got = self._accept(f"image_{cam}", msg, lambda: image_to_array(msg, self.frame_sizes[cam]))
+            return decode(msg, self.contract.streams[f"observation.images.{cam}"])
+        return image_to_array(msg, self.frame_sizes[cam])
+
+    def _decode_joints(self, msg: JointState) -> np.ndarray:
+        if self.contract is not None:
+            return decode(msg, self.contract.streams["observation.state"])
+        return joint_positions(msg, self.joint_names)
+
+    def _on_image(self, cam: str, msg: Image) -> None:
+        got = self._accept(f"image_{cam}", msg, lambda: self._decode_image(cam, msg))
         if got is None:
             return
         with self.lock:
@@ -311,11 +320,7 @@ class PolicyNode(Node):
             self._new_obs.notify_all()
 
     def _on_joints(self, msg: JointState) -> None:
-        if self.contract is not None:
-            stream = self.contract.streams["observation.state"]
-            got = self._accept("joint_state", msg, lambda: decode(msg, stream))
-        else:
-            got = self._accept("joint_state", msg, lambda: joint_positions(msg, self.joint_names))
+        got = self._accept("joint_state", msg, lambda: self._decode_joints(msg))
         if got is None:
             return
         with self.lock:

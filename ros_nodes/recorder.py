@@ -24,34 +24,16 @@ import rclpy
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.qos import QoSHistoryPolicy, QoSProfile, QoSReliabilityPolicy
-from sensor_msgs.msg import CompressedImage, Image, JointState
-from std_msgs.msg import Float64MultiArray, String
+from std_msgs.msg import String
 from std_srvs.srv import Trigger
-from trajectory_msgs.msg import JointTrajectory
 
-from vla.ros_nodes.contract import (
-    ARRAY,
-    COMPRESSED,
-    IMAGE,
-    JOINT_STATE,
-    STRING,
-    TRAJECTORY,
-    Contract,
-    ContractError,
-    load_contract,
-)
-from vla.ros_nodes.policy_node import COMMAND_QOS, LATCHED_QOS
+from vla.ros_nodes.contract import Contract, ContractError, load_contract
+from vla.ros_nodes.policy_node import COMMAND_QOS, LATCHED_QOS, MESSAGE_CLASSES
 from vla.ros_nodes.recording import Recording
 
-MESSAGE_CLASSES = {IMAGE: Image, COMPRESSED: CompressedImage, JOINT_STATE: JointState, TRAJECTORY: JointTrajectory,
-                   ARRAY: Float64MultiArray, STRING: String}
 # best effort (matches a reliable publisher too) with room for a burst: a recorder must not drop
 # what a slow callback would
 RECORD_QOS = QoSProfile(depth=200, reliability=QoSReliabilityPolicy.BEST_EFFORT, history=QoSHistoryPolicy.KEEP_LAST)
-
-
-def message_class(msgtype: str):
-    return MESSAGE_CLASSES[msgtype]
 
 
 def subscription_qos(contract: Contract, topic: str) -> QoSProfile:
@@ -76,7 +58,7 @@ class RecorderNode(Node):
         self.written: list[dict] = []
         self.done = False
         for key, s in contract.streams.items():
-            self.create_subscription(message_class(s.msgtype), s.topic,
+            self.create_subscription(MESSAGE_CLASSES[s.msgtype], s.topic,
                                      lambda m, k=key: self.recording.on_message(k, m, self.now()),
                                      subscription_qos(contract, s.topic))
         if contract.instruction_topic:

@@ -49,9 +49,16 @@ class Recording:
         self.rejected: Counter = Counter()  # stream -> messages refused (decode errors)
         self.late: Counter = Counter()  # stream -> samples that arrived after their frames were decided
         self.problems: dict[str, str] = {}  # stream -> the last refusal's reason
+        self.stale_before: Counter = Counter()  # the aligners' counts of recordings before restart()
+        self.out_of_order_before: Counter = Counter()
 
     def restart(self) -> None:
-        """A new recording into the same dataset (the next bag): a new clock, nothing in progress."""
+        """A new recording into the same dataset (the next bag): a new clock, nothing in progress;
+        an episode still in progress never ended and is not written."""
+        if self.active:
+            self.counts["unfinished"] += 1
+        self.stale_before += self.aligner.stale
+        self.out_of_order_before += self.aligner.out_of_order
         self.aligner = FrameAligner(self.contract, self.aligner.lag)
         self.frames, self.instruction, self.episode_start, self.active = [], None, -math.inf, False
 
@@ -150,6 +157,6 @@ class Recording:
         self.writer.flush()
 
     def report(self) -> dict:
-        return {**self.counts, "stale": dict(self.aligner.stale), "rejected": dict(self.rejected),
-                "late": dict(self.late), "out_of_order": dict(self.aligner.out_of_order),
+        return {**self.counts, "stale": dict(self.stale_before + self.aligner.stale), "rejected": dict(self.rejected),
+                "late": dict(self.late), "out_of_order": dict(self.out_of_order_before + self.aligner.out_of_order),
                 "problems": dict(self.problems)}

@@ -26,7 +26,8 @@ from std_msgs.msg import Float64MultiArray, String
 from std_srvs.srv import Trigger
 from trajectory_msgs.msg import JointTrajectory
 
-from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS, stamp_s
+from vla.ros_nodes.contract import stamp_s
+from vla.ros_nodes.policy_node import COMMAND_QOS, DEFAULT_JOINTS, LATCHED_QOS
 from vla.sim import EVAL_SEED_START, make_env
 from vla.sim.env import CONTROL_HZ
 
