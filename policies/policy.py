@@ -185,8 +185,8 @@ class Policy:
         self._check(obs)
         images, state = self.prepare(obs)
         ids, mask = self._text(obs["task"])
-        _, memory = self.model.encode(images, ids, mask, state, return_memory=True)
-        return self.norm.keypoints(self.model.keypoints_from_memory(memory))[0].float().cpu().numpy()
+        _, memory, spatial = self.model.encode(images, ids, mask, state, return_memory=True)
+        return self.norm.keypoints(self.model.keypoints_from_memory(memory, spatial))[0].float().cpu().numpy()
 
     def act(self, obs: dict) -> np.ndarray:
         self._check(obs)  # also when the action comes from the queue: bad input is refused every step

@@ -24,7 +24,7 @@ TINY = {
 TEXTS = ["press the red button", "press the blue button"]
 
 
-def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False) -> VLA:
+def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False, spatial_keypoints=0) -> VLA:
     """head: diffusion (predicting the noise), diffusion-sample (predicting the chunk), flow or l1."""
     d = json.loads(json.dumps(TINY))
     d["head"]["type"], _, prediction = head.partition("-")
@@ -32,6 +32,7 @@ def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False) -> VLA:
     d["image_size"] = image_size
     if keypoint_cond:
         d["keypoints"], d["keypoint_cond"] = 6, True
+    d["spatial_keypoints"] = spatial_keypoints
     torch.manual_seed(0)
     model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(TEXTS)).eval()
     with torch.no_grad():  # zero-initialised layers would hide bugs: give them values
@@ -55,9 +56,11 @@ def test_pixel_shuffle_groups_are_2x2_blocks():
 @pytest.mark.parametrize("head,image_size,kp", [("diffusion", SIZE, False), ("diffusion-sample", SIZE, False),
                                                 ("flow", SIZE, False), ("l1", SIZE, False), ("diffusion", 48, False),
                                                 ("diffusion", SIZE, True), ("diffusion-sample", SIZE, True),
-                                                ("l1", SIZE, True)])
+                                                ("l1", SIZE, True), ("l1", SIZE, "spatial"),
+                                                ("diffusion", 48, "both"), ("l1", SIZE, "both")])
 def test_full_step_equals_the_plain_path(head, image_size, kp):
-    model = tiny_model(head, image_size, keypoint_cond=kp)
+    model = tiny_model(head, image_size, keypoint_cond=kp in (True, "both"),
+                       spatial_keypoints=4 if kp in ("spatial", "both") else 0)
     g = torch.Generator().manual_seed(1)
     inputs = [(torch.rand(2, 3, image_size, image_size, generator=g), text, torch.randn(7, generator=g),
                torch.randn(1, 4, 7, generator=g)) for text in TEXTS + TEXTS[:1]]

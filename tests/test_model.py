@@ -18,7 +18,7 @@ from vla.config import TrainConfig, VLAConfig, load_recipe
 from vla.jobs.collect import collect
 from vla.jobs.evaluate import evaluate, wilson_interval
 from vla.jobs.train import Trainer, train
-from vla.model import VLA
+from vla.model import VLA, SpatialKeypoints
 from vla.policies import ObservationError, Policy, SpecMismatchError
 from vla.tokenizer import build_tokenizer
 
@@ -454,9 +454,9 @@ def test_batches_oversample_a_pool_deterministically():
 
 def _keypoint_error(trainer, batch) -> float:
     with torch.no_grad():
-        _, memory = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"], batch["state"],
-                                         return_memory=True)
-        return float((trainer.model.keypoints_from_memory(memory) - batch["keypoints"]).abs().mean())
+        _, memory, spatial = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"],
+                                                  batch["state"], return_memory=True)
+        return float((trainer.model.keypoints_from_memory(memory, spatial) - batch["keypoints"]).abs().mean())
 
 
 def test_keypoint_head_learns_the_recorded_targets_and_state_dropout_hides_the_state(tiny_dataset, tmp_path):
@@ -496,8 +496,8 @@ def test_artifact_carries_the_keypoint_normalization_and_policy_reads_keypoints_
     with torch.no_grad():  # the head's normalized output, un-normalized with the dataset's own stats
         images, state = policy.prepare(obs)
         ids, mask = policy.model.backbone.tokenize([obs["task"]])
-        _, memory = policy.model.encode(images, ids, mask, state, return_memory=True)
-        raw = policy.model.keypoints_from_memory(memory)[0].numpy()
+        _, memory, spatial = policy.model.encode(images, ids, mask, state, return_memory=True)
+        raw = policy.model.keypoints_from_memory(memory, spatial)[0].numpy()
     expected = raw * np.maximum(np.array(truth["std"]), 1e-3) + np.array(truth["mean"])
     assert kp.shape == (6,) and np.allclose(kp, expected, atol=1e-5)
     with pytest.raises(ValueError, match="no keypoint head"):
@@ -569,3 +569,26 @@ def test_keypoint_conditioned_head_starts_from_an_artifact_without_it(tiny_datas
         trainer.train_step(batch)
     model.eval()
     assert not torch.allclose(chunk(model), chunk(model, batch["keypoints"] + 1.0), atol=1e-3)
+
+
+def test_spatial_keypoints_read_where_a_dot_is_at_sub_patch_precision():
+    """The readout's (x, y) follow a 2-px dot across the frame in steps smaller than a vision
+    patch: each map's expected coordinate, x along the width and y down the height."""
+    readout = SpatialKeypoints(maps=1, channels=1)
+    with torch.no_grad():  # one map that is the red channel's brightness, sharpened
+        for conv in (readout.net[0], readout.net[2], readout.net[4]):
+            conv.weight.zero_()
+            conv.bias.zero_()
+        readout.net[0].weight[0, 0, 2, 2] = 1.0
+        readout.net[2].weight[0, 0, 1, 1] = 1.0
+        readout.net[4].weight[0, 0, 0, 0] = 1.0
+        readout.log_temperature.fill_(5.0)
+    readings = []
+    for col in (10, 13, 16, 70):
+        frame = torch.zeros(1, 3, 96, 96)
+        frame[0, 0, 40:42, col:col + 2] = 1.0
+        with torch.no_grad():
+            readings.append(readout(frame)[0])
+    x = torch.stack(readings)[:, 0]
+    assert torch.all(x[1:] > x[:-1]) and float(x[1] - x[0]) < 2 * 8 / 96  # moves with the dot, finer than a patch
+    assert abs(float(x[3]) - (70 / 95 * 2 - 1)) < 0.05 and abs(float(readings[0][1]) - (40 / 95 * 2 - 1)) < 0.05

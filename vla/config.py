@@ -71,6 +71,8 @@ class VLAConfig:
     keypoints: int = 0  # >0: an auxiliary head predicts the dataset's observation.environment_state
     #                     (sim keypoints of the named target and goal) from the prefix
     keypoint_cond: bool = False  # the action head is conditioned on the predicted keypoints (adaLN)
+    spatial_keypoints: int = 0  # >0: that many spatial-softmax (x, y) readouts of each camera's frame
+    #                             (a small conv net, model.SpatialKeypoints) condition the head (adaLN)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

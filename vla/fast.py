@@ -176,8 +176,8 @@ class FastVLA:
         if bb.film is not None:
             self.film = torch.zeros(1, vc.num_hidden_layers, 2, 1, vc.hidden_size, device=self.device)
         self.state_pos = torch.tensor([self.prefix - 1], device=self.device)
-        self.kp_mods = None  # keypoint_cond: per head block, ada(cond) of this step's keypoints
-        if head.keypoint_cond is not None:
+        self.kp_mods = None  # per head block, ada(cond) of this step's VLA.head_condition
+        if model.cfg.keypoint_cond or model.spatial is not None:
             self.kp_mods = torch.zeros(len(head.blocks), 1, 1, 6 * head.d, device=self.device)
         self.encode, self.denoise = self._encode, self._denoise
         if cfg.compile:
@@ -355,9 +355,9 @@ class FastVLA:
         prune = self.cfg.prune_layer if (self.kept and full) else None
         pos = self._run_lm(h, pos, self.key_valid, prune)
         self._write_head_rows(self._last_lm_out, pos)
-        if self.kp_mods is not None:  # ada is linear: ada(time + kp) = ada(time) + W kp
+        if self.kp_mods is not None:  # ada is linear: ada(time + cond) = ada(time) + W cond
             m = self.model
-            cond = m.head.keypoint_cond(m.keypoints_from_memory(self._last_lm_out))  # last row: the state token
+            cond = m.head_condition(self._last_lm_out, m.spatial_coordinates(x, 1))  # its last row: the state token
             for i, blk in enumerate(m.head.blocks):
                 self.kp_mods[i].copy_(blk.modulation(cond, bias=False))
         return self._last_key_valid[:, None, None, :]

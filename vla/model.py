@@ -239,9 +239,9 @@ class ActionTransformer(nn.Module):
             nn.init.zeros_(self.keypoint_cond.bias)
 
     def prefix_cache(self, memory: torch.Tensor, mask: torch.Tensor,
-                     keypoints: torch.Tensor | None = None) -> PrefixCache:
+                     cond: torch.Tensor | None = None) -> PrefixCache:
+        """cond (B, d): this prefix's part of the adaLN conditioning (`VLA.head_condition`), or None."""
         m = self.memory_proj(memory)
-        cond = self.keypoint_cond(keypoints) if self.keypoint_cond is not None else None
         return PrefixCache([blk.prefix_kv(m) for blk in self.blocks], mask[:, None, None, :], cond)
 
     def time_condition(self, t: torch.Tensor) -> torch.Tensor:
@@ -298,6 +298,30 @@ class Sampler:
         return cls(tuple(times), torch.tensor(coefs, dtype=torch.float32), h.type == "l1")
 
 
+class SpatialKeypoints(nn.Module):
+    """A small conv net's feature maps read out as expected image coordinates (spatial softmax,
+    Levine et al. 2016): `maps` (x, y) pairs in [-1, 1] per frame, from a grid at half the input's
+    resolution. The vision encoder's 8-px patches (16-px tokens after the connector) leave a 2-4 px
+    puck or goal dot to be placed by learned position embeddings from a few dozen layouts; these
+    coordinates follow the object by construction."""
+
+    def __init__(self, maps: int, channels: int = 32):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(3, channels, 5, stride=2, padding=2), nn.GELU(),
+                                 nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
+                                 nn.Conv2d(channels, maps, 1))
+        self.log_temperature = nn.Parameter(torch.zeros(()))
+
+    def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """frames (N, 3, S, S), normalized as the vision encoder's input -> (N, 2 * maps)."""
+        logits = self.net(frames)
+        n, k, h, w = logits.shape
+        p = torch.softmax(logits.flatten(2).float() * self.log_temperature.exp(), dim=-1).view(n, k, h, w)
+        xs = torch.linspace(-1.0, 1.0, w, device=frames.device)
+        ys = torch.linspace(-1.0, 1.0, h, device=frames.device)
+        return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], dim=-1).flatten(1)
+
+
 def add_lora(backbone: Backbone, rank: int) -> None:
     """LoRA adapters (peft) on the language model's attention projections; base weights frozen."""
 
@@ -318,9 +342,15 @@ class VLA(nn.Module):
         self.head = ActionTransformer(cfg.head, cfg.action_dim, cfg.horizon, backbone.hidden,
                                       cfg.keypoints if cfg.keypoint_cond else 0)
         self.keypoint_head = None
+        n_spatial = len(cfg.cameras) * 2 * cfg.spatial_keypoints  # (x, y) per map per camera
         if cfg.keypoints > 0:  # read from the last prefix token, which the causal LM lets see all others
-            d = backbone.hidden
-            self.keypoint_head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, cfg.keypoints))
+            d, n_in = backbone.hidden, backbone.hidden + n_spatial
+            self.keypoint_head = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d), nn.GELU(), nn.Linear(d, cfg.keypoints))
+        self.spatial = self.spatial_cond = None
+        if n_spatial:  # every camera's coordinates -> the head's adaLN conditioning
+            self.spatial = SpatialKeypoints(cfg.spatial_keypoints)
+            self.spatial_cond = nn.Sequential(nn.Linear(n_spatial, cfg.head.hidden), nn.SiLU(),
+                                              nn.Linear(cfg.head.hidden, cfg.head.hidden))
         h = cfg.head
         if h.type == "diffusion":
             common = dict(num_train_timesteps=h.train_timesteps, beta_schedule=h.beta_schedule,
@@ -357,11 +387,26 @@ class VLA(nn.Module):
         if state_keep is not None:
             state_token = state_token * state_keep[:, None].to(state_token.dtype)
         memory, mask = self.backbone(input_ids, text_mask, images, state_token)
-        # keypoint_cond: the head sees the predicted keypoints, detached so the action loss leaves
-        # the keypoint head to its own supervision (what it reads at inference is what it trained on)
-        kp = self.keypoints_from_memory(memory).detach() if self.cfg.keypoint_cond else None
-        cache = self.head.prefix_cache(memory.float(), mask, kp)
-        return (cache, memory) if return_memory else cache
+        spatial = self.spatial_coordinates(self.backbone.preprocess(images.flatten(0, 1)), len(images))
+        cache = self.head.prefix_cache(memory.float(), mask, self.head_condition(memory, spatial))
+        return (cache, memory, spatial) if return_memory else cache
+
+    def spatial_coordinates(self, frames: torch.Tensor, batch: int) -> torch.Tensor | None:
+        """frames (batch * cameras, 3, S, S) preprocessed -> (batch, cameras * 2 * maps), or None
+        without spatial_keypoints."""
+        return None if self.spatial is None else self.spatial(frames).view(batch, -1)
+
+    def head_condition(self, memory: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor | None:
+        """What the prefix adds to the head's time embedding (adaLN), (B, head hidden), or None:
+        with keypoint_cond the predicted keypoints, detached so the action loss leaves the keypoint
+        head to its own supervision (what it reads at inference is what it trained on); with
+        spatial_keypoints the frames' spatial-softmax coordinates."""
+        cond = None
+        if self.cfg.keypoint_cond:
+            cond = self.head.keypoint_cond(self.keypoints_from_memory(memory, spatial).detach())
+        if spatial is not None:
+            cond = self.spatial_cond(spatial) if cond is None else cond + self.spatial_cond(spatial)
+        return cond
 
     # --- training ---
     def forward(self, **batch) -> torch.Tensor:
@@ -373,19 +418,22 @@ class VLA(nn.Module):
         """The action loss, plus `keypoint_weight` x the keypoint loss where `keypoints` (normalized
         (B, keypoints) targets) are given and the model has a keypoint head. Rows past
         len(actions) are keypoint-only samples: they share the backbone pass, not the action loss."""
-        cache, memory = self.encode(images, input_ids, text_mask, state, state_keep, return_memory=True)
+        cache, memory, spatial = self.encode(images, input_ids, text_mask, state, state_keep, return_memory=True)
         n = len(actions)
         if len(images) > n:
             cache = cache.first(n)
         loss = self._action_loss(cache, actions, action_is_pad)
         if keypoints is not None and self.keypoint_head is not None:
-            pred = self.keypoints_from_memory(memory)
+            pred = self.keypoints_from_memory(memory, spatial)
             loss = loss + keypoint_weight * F.smooth_l1_loss(pred, keypoints.float(), beta=0.1)
         return loss
 
-    def keypoints_from_memory(self, memory: torch.Tensor) -> torch.Tensor:
-        """Normalized keypoints (B, keypoints) from the backbone's output (`encode(..., return_memory=True)`)."""
-        return self.keypoint_head(memory[:, -1].float())
+    def keypoints_from_memory(self, memory: torch.Tensor, spatial: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalized keypoints (B, keypoints) from the backbone's output and the spatial
+        coordinates (`encode(..., return_memory=True)`); with spatial_keypoints the keypoint loss
+        trains the coordinates' conv net too (where the puck and the goal are)."""
+        token = memory[:, -1].float()
+        return self.keypoint_head(token if spatial is None else torch.cat([token, spatial.float()], -1))
 
     def _action_loss(self, cache: PrefixCache, actions, action_is_pad) -> torch.Tensor:
         h = self.cfg.head
