@@ -500,9 +500,11 @@ class PolicyNode(Node):
                 cmd = self.safety.hold()
             self.safety_state = state
             pending, self._pending_latency = self._pending_latency, None
-        if cmd is None:
-            return
-        self._publish_command(cmd)
+            if cmd is None:
+                return
+            # published under the lock: a `~/reset` or an e-stop from another thread lands before
+            # this command or after it is out, never between its computation and its publication
+            self._publish_command(cmd)
         if pending is not None and state == "ok":
             self.latency_ms.append((self.now() - pending) * 1e3)
 

@@ -69,7 +69,8 @@ class Robot(Node):
         self.estop = self.create_publisher(Bool, "/vla/estop", COMMAND_QOS)
         self.estop_best_effort = self.create_publisher(
             Bool, "/vla/estop", QoSProfile(depth=10, reliability=QoSReliabilityPolicy.BEST_EFFORT))
-        self.commands: list[tuple[float, np.ndarray]] = []
+        self.commands: list[tuple[float, np.ndarray]] = []  # (receipt time.monotonic(), positions)
+        self.command_stamps: list[float] = []  # each command's header stamp (s, the node's clock)
         self.diagnostics: list[DiagnosticStatus] = []
         self.create_subscription(JointTrajectory, "/command", self._on_command, COMMAND_QOS)
         self.create_subscription(DiagnosticArray, "/diagnostics",
@@ -85,6 +86,7 @@ class Robot(Node):
     def _on_command(self, msg):
         assert list(msg.joint_names) == NAMES
         self.commands.append((time.monotonic(), np.array(msg.points[0].positions)))
+        self.command_stamps.append(msg.header.stamp.sec + msg.header.stamp.nanosec * 1e-9)
 
     def _stamp(self):
         if self.stamp is None:
@@ -112,6 +114,11 @@ class Robot(Node):
 
     def times_since(self, t):
         return [ts for ts, _ in self.commands if ts >= t]
+
+    def commands_stamped_after(self, t):
+        """Commands the node published after its clock read t (receipt times lag behind: a command
+        sent before an event can be taken off the queue after it)."""
+        return [c for stamp, (_, c) in zip(self.command_stamps, self.commands) if stamp > t]
 
 
 @pytest.fixture(scope="module")
@@ -189,12 +196,45 @@ def test_a_reset_starts_again_from_the_position_measured_after_it(ros):
         robot.q = np.array([-0.4, 0.1, 0, 0, 0, 0, 0.0])  # moved by hand
         response = node._on_reset_service(Trigger.Request(), Trigger.Response())
         assert response.success
-        t0 = time.monotonic()
+        t0, reset_at = time.monotonic(), node.now()
         assert wait_for(lambda: len(robot.commands_since(t0)) > 30)
-        after = robot.commands_since(t0)
+        after = robot.commands_stamped_after(reset_at)
         np.testing.assert_allclose(after[0], [-0.4, 0.1, 0, 0, 0, 0, 0.0], atol=MAX_STEP + 1e-9)
-        assert_smooth(after, robot.times_since(t0))
+        assert_smooth(after, robot.times_since(t0)[-len(after):])
         assert np.allclose(after[-1], [0.5, 0, 0, 0, 0, 0, 1.0])  # and on to the plan, rate-limited
+
+
+def test_a_reset_between_a_commands_computation_and_its_publication_cannot_make_it_stale(ros):
+    """The control step once published outside the node's lock: a `~/reset` (or an e-stop) from
+    another thread, as a multi-threaded executor runs them, could land after a command was computed
+    from the old position and before it went out, so the first command after the reset was from
+    the plan it had just discarded. The fault is injected: the reset is started inside the publication."""
+    from std_srvs.srv import Trigger
+
+    policy = ScriptedPolicy(constant([0.5, 0, 0, 0, 0, 0, 1.0]))
+    with graph(ros, policy) as (node, robot):
+        assert wait_for(lambda: robot.commands and np.allclose(robot.commands[-1][1], [0.5, 0, 0, 0, 0, 0, 1.0]))
+        publish, returned = node._publish_command, []
+
+        def reset() -> None:
+            robot.q = np.array([-0.4, 0.1, 0, 0, 0, 0, 0.0])
+            node._on_reset_service(Trigger.Request(), Trigger.Response())
+            returned.append(node.now())
+
+        def publish_with_a_reset_in_between(cmd):
+            node._publish_command = publish
+            racer = threading.Thread(target=reset)
+            racer.start()
+            racer.join(timeout=0.3)  # with the lock held, the reset waits for this publication
+            time.sleep(0.01)
+            publish(cmd)
+
+        node._publish_command = publish_with_a_reset_in_between
+        assert wait_for(lambda: returned)
+        t0 = time.monotonic()
+        assert wait_for(lambda: len(robot.commands_since(t0)) > 10)
+        after = robot.commands_stamped_after(returned[0])
+        np.testing.assert_allclose(after[0], [-0.4, 0.1, 0, 0, 0, 0, 0.0], atol=MAX_STEP + 1e-9)
 
 
 def test_an_estop_hold_does_not_move_on_a_new_instruction(ros):
