@@ -24,14 +24,15 @@ TINY = {
 TEXTS = ["press the red button", "press the blue button"]
 
 
-def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False, spatial_keypoints=0) -> VLA:
+def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False, spatial_keypoints=0,
+               keypoint_input="prefix") -> VLA:
     """head: diffusion (predicting the noise), diffusion-sample (predicting the chunk), flow or l1."""
     d = json.loads(json.dumps(TINY))
     d["head"]["type"], _, prediction = head.partition("-")
     d["head"]["prediction_type"] = prediction or "epsilon"
     d["image_size"] = image_size
     if keypoint_cond:
-        d["keypoints"], d["keypoint_cond"] = 6, True
+        d["keypoints"], d["keypoint_cond"], d["keypoint_input"] = 6, True, keypoint_input
     d["spatial_keypoints"] = spatial_keypoints
     torch.manual_seed(0)
     model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(TEXTS)).eval()
@@ -125,6 +126,20 @@ def test_still_front_camera_beside_a_new_wrist_view_is_exact():
         tokens = (SIZE // 4) ** 2 // 4
         assert engine.stats["recomputed_tokens"] - recomputed == tokens + tokens - int(0.75 * tokens)
         assert torch.allclose(out, plain(model, images, TEXTS[1], state, noise), atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial", [0, 4])
+def test_reuse_recomputes_the_token_vision_keypoints_read(spatial):
+    """keypoint_input "vision" reads the last visual token's output: a partial step on a still frame
+    (most tokens reused) must still recompute that one, or the head is conditioned on another token."""
+    model = tiny_model("l1", keypoint_cond=True, spatial_keypoints=spatial, keypoint_input="vision")
+    engine = FastVLA(model, FastConfig(reuse=True, refresh_every=100))
+    g = torch.Generator().manual_seed(5)
+    images, state, noise = torch.rand(2, 3, SIZE, SIZE, generator=g), torch.randn(7, generator=g), torch.randn(1, 4, 7)
+    ref = plain(model, images, TEXTS[0], state, noise)
+    assert torch.allclose(engine.step(images, TEXTS[0], state, noise), ref, atol=1e-5)
+    assert torch.allclose(engine.step(images, TEXTS[0], state, noise), ref, atol=1e-5)
+    assert engine.stats["partial"] == 1
 
 
 def test_reuse_refreshes_every_k_steps_and_on_a_new_instruction():

@@ -592,3 +592,29 @@ def test_spatial_keypoints_read_where_a_dot_is_at_sub_patch_precision():
     x = torch.stack(readings)[:, 0]
     assert torch.all(x[1:] > x[:-1]) and float(x[1] - x[0]) < 2 * 8 / 96  # moves with the dot, finer than a patch
     assert abs(float(x[3]) - (70 / 95 * 2 - 1)) < 0.05 and abs(float(readings[0][1]) - (40 / 95 * 2 - 1)) < 0.05
+
+
+@pytest.mark.parametrize("spatial", [0, 4])
+def test_vision_keypoint_input_is_blind_to_the_state(spatial):
+    """keypoint_input "vision": the keypoint head cannot fit the target from the hand's position
+    (the state token), so it must find it in the frames; "prefix" reads a token that sees the state."""
+    tok = build_tokenizer(["push the puck to the goal"])
+    ids, mask = None, None
+    readings = {}
+    for source in ("prefix", "vision"):
+        d = json.loads(json.dumps(TINY))
+        d.update(keypoints=6, keypoint_input=source, spatial_keypoints=spatial)
+        torch.manual_seed(0)
+        model = VLA.build(VLAConfig.from_dict(d), tok).eval()
+        ids, mask = model.backbone.tokenize(["push the puck to the goal"] * 2)
+        images = torch.rand(1, 2, 3, SIZE, SIZE).expand(2, -1, -1, -1, -1)
+        state = torch.stack([torch.zeros(7), torch.full((7,), 3.0)])  # two hands, one scene
+        with torch.no_grad():
+            _, memory, sp = model.encode(images, ids, mask, state, return_memory=True)
+            readings[source] = model.keypoints_from_memory(memory, sp)
+    assert not torch.allclose(readings["prefix"][0], readings["prefix"][1], atol=1e-4)
+    assert torch.allclose(readings["vision"][0], readings["vision"][1], atol=1e-5)
+    d = json.loads(json.dumps(TINY))
+    d.update(keypoints=6, keypoint_input="pixels")
+    with pytest.raises(ValueError, match="keypoint_input must be one of"):
+        VLA.build(VLAConfig.from_dict(d), tok)

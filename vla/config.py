@@ -71,6 +71,10 @@ class VLAConfig:
     keypoints: int = 0  # >0: an auxiliary head predicts the dataset's observation.environment_state
     #                     (sim keypoints of the named target and goal) from the prefix
     keypoint_cond: bool = False  # the action head is conditioned on the predicted keypoints (adaLN)
+    keypoint_input: str = "prefix"  # what the keypoint head reads: "prefix", the last prefix token (it
+    #                                 sees the state too), or "vision", the last visual token and the
+    #                                 spatial coordinates, blind to the state: the hand's position then
+    #                                 cannot stand in for finding the target in the pixels
     spatial_keypoints: int = 0  # >0: that many spatial-softmax (x, y) readouts of each camera's frame
     #                             (a small conv net, model.SpatialKeypoints) condition the head (adaLN)
 

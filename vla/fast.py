@@ -179,6 +179,9 @@ class FastVLA:
         self.kp_mods = None  # per head block, ada(cond) of this step's VLA.head_condition
         if model.cfg.keypoint_cond or model.spatial is not None:
             self.kp_mods = torch.zeros(len(head.blocks), 1, 1, 6 * head.d, device=self.device)
+        # the keypoint head reads the last visual token (VLA.keypoints_from_memory): reuse and
+        # pruning always keep it, so it is the row before the state token's
+        self.keep_last_visual = model.cfg.keypoint_cond and model.cfg.keypoint_input == "vision"
         self.encode, self.denoise = self._encode, self._denoise
         if cfg.compile:
             # on the CPU the step is hundreds of small kernels: calling them from inductor's C++
@@ -293,7 +296,10 @@ class FastVLA:
         return s[self.text_len: self.text_len + self.n_cam * self.tokens].view(self.n_cam, self.tokens)
 
     def _prune(self, slot: KVSlot) -> torch.Tensor:
-        return self._attention_to_visual(slot).topk(self.kept, dim=1).indices.sort(dim=1).values
+        score = self._attention_to_visual(slot)
+        if self.keep_last_visual:
+            score[-1, -1] = float("inf")
+        return score.topk(self.kept, dim=1).indices.sort(dim=1).values
 
     def _write_head_rows(self, h_final, pos):
         m = self.model.head.memory_proj(h_final.float())
@@ -393,6 +399,8 @@ class FastVLA:
         budget = self.tokens - int(cfg.reuse_max * self.tokens)
         change = region_change(x, self.ref_images, self.patch * self.scale, force=cfg.kernels)
         must = change > cfg.reuse_threshold
+        if self.keep_last_visual:
+            must[-1, -1] = True
         if cfg.reuse_keep_relevant:
             must.scatter_(1, self.relevance.topk(cfg.reuse_keep_relevant, dim=1).indices, True)
         partial = (must.float() * 1e3 + change).topk(budget, dim=1).indices.sort(dim=1).values

@@ -298,6 +298,9 @@ class Sampler:
         return cls(tuple(times), torch.tensor(coefs, dtype=torch.float32), h.type == "l1")
 
 
+KEYPOINT_INPUTS = ("prefix", "vision")
+
+
 class SpatialKeypoints(nn.Module):
     """A small conv net's feature maps read out as expected image coordinates (spatial softmax,
     Levine et al. 2016): `maps` (x, y) pairs in [-1, 1] per frame, from a grid at half the input's
@@ -339,11 +342,13 @@ class VLA(nn.Module):
         self.state_proj = nn.Linear(cfg.state_dim, backbone.hidden)
         if cfg.keypoint_cond and cfg.keypoints <= 0:
             raise ValueError("model.keypoint_cond needs model.keypoints > 0 (the keypoints it conditions on)")
+        if cfg.keypoint_input not in KEYPOINT_INPUTS:
+            raise ValueError(f"model.keypoint_input must be one of {KEYPOINT_INPUTS}, not {cfg.keypoint_input!r}")
         self.head = ActionTransformer(cfg.head, cfg.action_dim, cfg.horizon, backbone.hidden,
                                       cfg.keypoints if cfg.keypoint_cond else 0)
         self.keypoint_head = None
         n_spatial = len(cfg.cameras) * 2 * cfg.spatial_keypoints  # (x, y) per map per camera
-        if cfg.keypoints > 0:  # read from the last prefix token, which the causal LM lets see all others
+        if cfg.keypoints > 0:  # read from one token of the causal LM's output (keypoints_from_memory)
             d, n_in = backbone.hidden, backbone.hidden + n_spatial
             self.keypoint_head = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d), nn.GELU(), nn.Linear(d, cfg.keypoints))
         self.spatial = self.spatial_cond = None
@@ -431,8 +436,10 @@ class VLA(nn.Module):
     def keypoints_from_memory(self, memory: torch.Tensor, spatial: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized keypoints (B, keypoints) from the backbone's output and the spatial
         coordinates (`encode(..., return_memory=True)`); with spatial_keypoints the keypoint loss
-        trains the coordinates' conv net too (where the puck and the goal are)."""
-        token = memory[:, -1].float()
+        trains the coordinates' conv net too (where the puck and the goal are). The prefix is
+        [text, visual tokens, state]: the last token sees everything, the one before it (the last
+        visual token) everything but the state (keypoint_input "vision")."""
+        token = memory[:, -1 if self.cfg.keypoint_input == "prefix" else -2].float()
         return self.keypoint_head(token if spatial is None else torch.cat([token, spatial.float()], -1))
 
     def _action_loss(self, cache: PrefixCache, actions, action_is_pad) -> torch.Tensor:
