@@ -4,10 +4,18 @@ EARLY of 40 episodes per task and reports the cm error on the first frames of th
 
     .venv/bin/python scripts/keypoint_probe.py LOG_TEMPERATURE STEPS aug|noaug EARLY   # e.g. 2 1600 noaug 1
 """
-import sys, time, numpy as np, torch, torch.nn as nn, torch.nn.functional as F
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
 from vla.dataset import LeRobotDataset
 from vla.model import SpatialKeypoints
 from vla.transforms import augment
+
 torch.manual_seed(0); torch.set_num_threads(2)
 temp0, steps, aug, early = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "aug", int(sys.argv[4])
 ds = LeRobotDataset("data/mt10_96", horizon=1, cameras=["corner2"], image_size=96)
