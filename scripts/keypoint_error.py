@@ -25,8 +25,7 @@ def main() -> None:
     p.add_argument("--first-frames", action="store_true", help="each episode's first frame only")
     args = p.parse_args()
 
-    torch.manual_seed(0)
-    model, spec, norm = load_artifact(args.policy)
+    model, _, norm = load_artifact(args.policy)
     if model.keypoint_head is None:
         raise SystemExit(f"{args.policy}: the model has no keypoint head (model.keypoints=0)")
     cfg = model.cfg

@@ -1,54 +1,86 @@
 """Can a spatial-softmax conv net (model.SpatialKeypoints) learn where MetaWorld's puck and goals are
-from the demonstrations' layouts? Trains it alone (plus a task embedding) on frames with index <
-EARLY of 40 episodes per task and reports the cm error on the first frames of the 10 held-out ones.
+from the demonstrations' layouts? Trains it alone (plus a task embedding) on the frames with index
+< --early of all but the last 10 episodes of each task, and prints the cm error on the first frames
+of those 10 held-out episodes for the first three tasks (reach, push, pick-place in MT10).
 
-    .venv/bin/python scripts/keypoint_probe.py LOG_TEMPERATURE STEPS aug|noaug EARLY   # e.g. 2 1600 noaug 1
+    .venv/bin/python scripts/keypoint_probe.py data/mt10_96 --log-temperature 2 --steps 1600 --early 1
 """
-import sys
+
+from __future__ import annotations
+
+import argparse
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from vla.dataset import LeRobotDataset
 from vla.model import SpatialKeypoints
-from vla.transforms import augment
+from vla.transforms import augment, frames_to_unit, normalize_images
 
-torch.manual_seed(0); torch.set_num_threads(2)
-temp0, steps, aug, early = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "aug", int(sys.argv[4])
-ds = LeRobotDataset("data/mt10_96", horizon=1, cameras=["corner2"], image_size=96)
-ep = ds.frame_episode; fi = ds.frame_index; ti = ds.task_index
-# per task: its first 40 episodes train, the last 10 are held out
-eps_of = {t: np.unique(ep[ti == t]) for t in np.unique(ti)}
-held = np.concatenate([e[-10:] for e in eps_of.values()])
-tr_rows = np.flatnonzero((fi < early) & ~np.isin(ep, held)); te_rows = np.flatnonzero((fi == 0) & np.isin(ep, held))
-def load(rows):
-    b = ds.batch(rows)
-    return torch.from_numpy(np.ascontiguousarray(b["observation.images.corner2"])).permute(0, 3, 1, 2).float() / 255
-Xtr, Xte = load(tr_rows), load(te_rows)
-kp = torch.from_numpy(ds.env_state).float(); mu, sd = kp.mean(0), kp.std(0).clamp(min=1e-3)
-Ytr, Yte = (kp[tr_rows] - mu) / sd, kp[te_rows]
-Ttr, Tte = torch.from_numpy(ti[tr_rows]), torch.from_numpy(ti[te_rows])
-print("train frames", len(tr_rows), "held-out first frames", len(te_rows), flush=True)
+HELD_OUT = 10  # episodes per task
+
+
 class Probe(nn.Module):
-    def __init__(s):
-        super().__init__(); s.sp = SpatialKeypoints(16); s.emb = nn.Embedding(10, 32)
-        with torch.no_grad(): s.sp.log_temperature.fill_(temp0)
-        s.head = nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 6))
-    def forward(s, x, t): return s.head(torch.cat([s.sp(x * 2 - 1), s.emb(t)], -1))
-m = Probe(); opt = torch.optim.AdamW(m.parameters(), 1e-3, weight_decay=1e-4)
-t0 = time.time()
-for i in range(steps):
-    j = torch.randint(0, len(Xtr), (64,)); x = Xtr[j]
-    if aug: x = augment(x[:, None])[:, 0]
-    loss = F.smooth_l1_loss(m(x, Ttr[j]), Ytr[j], beta=0.1)
-    opt.zero_grad(); loss.backward(); opt.step()
-    if (i + 1) % (steps // 4) == 0:
+    def __init__(self, tasks: int, log_temperature: float, maps: int = 16):
+        super().__init__()
+        self.spatial = SpatialKeypoints(maps)
         with torch.no_grad():
-            p = m(Xte * 1, Tte) * sd + mu
-        err = torch.linalg.norm((p - Yte).view(-1, 2, 3), dim=-1) * 100
-        base = torch.linalg.norm((mu - Yte).view(-1, 2, 3), dim=-1) * 100
-        rows = [f"t{t}: obj {err[Tte == t, 0].mean():.1f} goal {err[Tte == t, 1].mean():.1f}" for t in range(3)]
-        print(i + 1, f"{time.time() - t0:.0f}s loss {loss.item():.3f}", " | ".join(rows), f"| base obj {base[Tte < 3, 0].mean():.1f} goal {base[Tte < 3, 1].mean():.1f}", flush=True)
+            self.spatial.log_temperature.fill_(log_temperature)
+        self.task = nn.Embedding(tasks, 32)
+        self.head = nn.Sequential(nn.Linear(2 * maps + 32, 128), nn.GELU(), nn.Linear(128, 6))
+
+    def forward(self, frames: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([self.spatial(normalize_images(frames)), self.task(task)], -1))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dataset")
+    p.add_argument("--log-temperature", type=float, default=0.0, help="the spatial softmax's initial one")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--early", type=int, default=1, help="train on frames with frame_index below this")
+    p.add_argument("--augment", action="store_true", help="the training's random shift and colour jitter")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    ds = LeRobotDataset(args.dataset, horizon=1)
+    camera = ds.camera_keys[0]
+    episode, frame, task = ds.frame_episode, ds.frame_index, ds.task_index
+    held = np.concatenate([np.unique(episode[task == t])[-HELD_OUT:] for t in np.unique(task)])
+    train_rows = np.flatnonzero((frame < args.early) & ~np.isin(episode, held))
+    test_rows = np.flatnonzero((frame == 0) & np.isin(episode, held))
+
+    def frames(rows):
+        return frames_to_unit(torch.from_numpy(np.ascontiguousarray(ds.batch(rows)[camera])))
+
+    x_train, x_test = frames(train_rows), frames(test_rows)
+    keypoints = torch.from_numpy(ds.env_state).float()
+    mean, std = keypoints.mean(0), keypoints.std(0).clamp(min=1e-3)
+    y_train, y_test = (keypoints[train_rows] - mean) / std, keypoints[test_rows]
+    t_train, t_test = torch.from_numpy(task[train_rows]), torch.from_numpy(task[test_rows])
+    print(f"train frames {len(train_rows)}, held-out first frames {len(test_rows)}", flush=True)
+
+    model = Probe(int(task.max()) + 1, args.log_temperature)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3, weight_decay=1e-4)
+    start = time.time()
+    for i in range(args.steps):
+        j = torch.randint(0, len(x_train), (64,))
+        x = augment(x_train[j][:, None])[:, 0] if args.augment else x_train[j]
+        loss = F.smooth_l1_loss(model(x, t_train[j]), y_train[j], beta=0.1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (i + 1) % max(1, args.steps // 4) == 0:
+            with torch.no_grad():
+                pred = model(x_test, t_test) * std + mean
+            err = torch.linalg.norm((pred - y_test).view(-1, 2, 3), dim=-1) * 100
+            per_task = " | ".join(f"task {t}: object {err[t_test == t, 0].mean():.1f} goal {err[t_test == t, 1].mean():.1f}"
+                                  for t in range(3))
+            print(f"step {i + 1} ({time.time() - start:.0f} s) loss {loss.item():.3f} | {per_task}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

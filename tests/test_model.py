@@ -599,7 +599,6 @@ def test_vision_keypoint_input_is_blind_to_the_state(spatial):
     """keypoint_input "vision": the keypoint head cannot fit the target from the hand's position
     (the state token), so it must find it in the frames; "prefix" reads a token that sees the state."""
     tok = build_tokenizer(["push the puck to the goal"])
-    ids, mask = None, None
     readings = {}
     for source in ("prefix", "vision"):
         d = json.loads(json.dumps(TINY))
