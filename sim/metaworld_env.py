@@ -17,6 +17,7 @@ from __future__ import annotations
 import gymnasium as gym
 import metaworld  # noqa: F401  (registers the Meta-World/* ids)
 import metaworld.policies as experts
+import mujoco
 import numpy as np
 
 from vla.sim.metaworld_tasks import CAMERA, INSTRUCTIONS, MAX_STEPS
@@ -76,6 +77,9 @@ class MetaWorldEnv(gym.Env):
         super().reset(seed=seed)
         self.env.seed(0 if seed is None else int(seed))
         self._raw, _ = self.env.reset()
+        # MetaWorld's reset_model moves the goal site (model.site_pos) after its last forward pass, so
+        # without one here the first frame draws the goal where an earlier layout put it
+        mujoco.mj_forward(self.env.model, self.env.data)
         self._steps = 0
         return self._obs(), {"success": False, "task": self.task}
 

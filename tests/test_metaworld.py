@@ -3,6 +3,8 @@ scripted experts into a LeRobot dataset, and `vla eval --suite metaworld` on a h
 Skipped where `.venv-metaworld` is not made (`bash scripts/setup.sh --metaworld`; CI makes it)."""
 
 import json
+import subprocess
+import textwrap
 
 import numpy as np
 import pytest
@@ -60,6 +62,27 @@ def test_the_env_is_seeded_by_the_episode_seed_and_its_expert_succeeds():
     finally:
         env.close()
     assert env.process.poll() == 0
+
+
+@needs_metaworld
+def test_the_first_frame_draws_the_goal_where_the_episode_put_it():
+    """MetaWorld moves the goal site after its reset's last forward pass: the first frame showed the
+    goal where an earlier layout had it (reach, push, pick-place), and every later frame elsewhere."""
+    script = textwrap.dedent("""
+        import mujoco, numpy as np
+        from vla.sim.metaworld_env import MetaWorldEnv
+        for task in ("reach-v3", "push-v3", "pick-place-v3"):
+            env = MetaWorldEnv(task, image_size=64)
+            for seed in (3, 4):
+                first = env.reset(seed=seed)[0]["observation.images.corner2"]
+                assert np.allclose(env.env.data.site("goal").xpos, env.env._target_pos), (task, seed)
+                mujoco.mj_forward(env.env.model, env.env.data)
+                assert np.array_equal(first, env._obs()["observation.images.corner2"]), (task, seed)
+            env.close()
+        print("ok")
+    """)
+    run = subprocess.run([str(suite_python("metaworld")), "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
 
 
 @needs_metaworld
