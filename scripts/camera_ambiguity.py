@@ -1,8 +1,8 @@
 """How well can one MetaWorld camera place a goal or the puck at all? For each fixed camera,
 projects 20,000 positions drawn uniformly from reach's / pick-place's goal box and from the puck's
-box into the 96-px image (to whole pixels: multisampling is off), and estimates each position as the mean of the 40 others whose pixels
-are nearest (what a perfect detector on one frame could answer: one image loses depth along the
-ray). Prints the image span and that estimate's error. Runs in the MetaWorld environment:
+box into the 96-px image (to whole pixels: multisampling is off), and estimates each position as
+the mean of the 40 others whose pixels are nearest (what a perfect detector on one frame could
+answer: one image loses depth along the ray). Prints the image span and that estimate's error. Runs in the MetaWorld environment:
 
     PYTHONPATH=. .venv-metaworld/bin/python scripts/camera_ambiguity.py
 """

@@ -17,7 +17,7 @@ RECIPE=(configs/nano_diffusion_narrow.yaml model.head.type=l1 model.keypoints=0 
         train.keypoint_dataset=null train.steps="$STEPS")
 mkdir -p logs
 
-if [ ! -f data/ros_demos_$N/meta/info.json ]; then
+if [ ! -f data/ros_demos_$N/meta/info.json ]; then  # 8 * N: the suite's 8 tasks
     $VLA record --contract configs/ros_contract_sim.yaml --out data/ros_demos_$N --episodes $((8 * N)) \
         --domain-id $DOMAIN > logs/closed_loop_record.log 2>&1 &
     RECORDER=$!
