@@ -2,6 +2,9 @@
 imports the model, and no module imports inside a function except an optional dependency."""
 
 import ast
+import importlib.machinery
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,3 +65,21 @@ def test_imports_point_one_way_and_sit_at_the_top(module, path):
                 assert target in ALLOWED[room], f"{module} ({room}) imports {name} ({target})"
         if node.col_offset > 0:  # inside a function or class body
             assert "optional" in lines[node.lineno - 1], f"{module}:{node.lineno} imports {names} inside a function"
+
+
+def test_the_kernels_folder_does_not_shadow_hfs_kernels_from_the_repository_root():
+    """Python started in the repository root (`python -m pytest`, `python -c`, a REPL) has the root on
+    sys.path, where `kernels/` once shadowed HF's `kernels` package: transformers >= 5.25 imports it, and
+    every test failed to collect with "cannot import name 'CUDAProperties' from 'kernels'"."""
+    code = ("import importlib.util, kernels, vla.kernels\n"
+            "from transformers import Idefics3Model\n"
+            "print(kernels.__file__, vla.kernels.__file__, sep='\\n')")
+    has_hf_kernels = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if has_hf_kernels is None:  # transformers < 5.25 without HF's kernels: the folder must not pose as it either
+        assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr
+        return
+    assert out.returncode == 0, out.stderr
+    top_level, ours = out.stdout.split()
+    assert not Path(top_level).resolve().is_relative_to(ROOT / "kernels"), top_level
+    assert Path(ours).resolve() == ROOT / "kernels" / "__init__.py"
