@@ -4,7 +4,7 @@
 # the topics of configs/ros_contract_sim.yaml), a policy trained on them, run on the arm with `vla run`;
 # beside it the same recipe trained on `vla collect` data of the same tasks, seeds and size.
 #   bash scripts/closed_loop.sh [EPISODES_PER_TASK] [TRAIN_STEPS] [RUN_EPISODES_PER_TASK]
-# Logs in logs/closed_loop_*; results in runs/closed_loop_{ros,collect}.json. Run nothing else beside it.
+# Logs in logs/closed_loop_*; results in runs/closed_loop_{ros,collect}_N.json. Run nothing else beside it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-50}
@@ -30,10 +30,10 @@ fi
 
 for source in ros collect; do
     data=data/ros_demos_$N; [ $source = collect ] && data=data/collect_$N
-    out=runs/closed_loop_$source
+    out=runs/closed_loop_${source}_$N
     [ -f $out/final/model.safetensors ] || \
         $VLA train "${RECIPE[@]}" train.dataset=$data train.output_dir=$out > logs/closed_loop_train_$source.log 2>&1
     $VLA run --policy $out/final --tasks all --episodes "$RUN_EPISODES" --domain-id $DOMAIN \
-        --json runs/closed_loop_$source.json > logs/closed_loop_run_$source.log 2>&1
+        --json $out.json > logs/closed_loop_run_$source.log 2>&1
     tail -3 logs/closed_loop_run_$source.log
 done
