@@ -71,10 +71,11 @@ def test_the_kernels_folder_does_not_shadow_hfs_kernels_from_the_repository_root
     """Python started in the repository root (`python -m pytest`, `python -c`, a REPL) has the root on
     sys.path, where `kernels/` once shadowed HF's `kernels` package: transformers >= 5.25 imports it, and
     every test failed to collect with "cannot import name 'CUDAProperties' from 'kernels'"."""
-    code = ("import importlib.util, kernels, vla.kernels\n"
+    code = ("import kernels, vla.kernels\n"
             "from transformers import Idefics3Model\n"
             "print(kernels.__file__, vla.kernels.__file__, sep='\\n')")
-    has_hf_kernels = importlib.machinery.PathFinder.find_spec("kernels", [p for p in sys.path if Path(p or ".").resolve() != ROOT])
+    outside_the_root = [p for p in sys.path if Path(p or ".").resolve() != ROOT]
+    has_hf_kernels = importlib.machinery.PathFinder.find_spec("kernels", outside_the_root)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     if has_hf_kernels is None:  # transformers < 5.25 without HF's kernels: the folder must not pose as it either
         assert "ModuleNotFoundError: No module named 'kernels'" in out.stderr, out.stderr
