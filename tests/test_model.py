@@ -21,6 +21,7 @@ from vla.jobs.train import Trainer, train
 from vla.model import VLA, SpatialKeypoints
 from vla.policies import ObservationError, Policy, SpecMismatchError
 from vla.tokenizer import build_tokenizer
+from vla.transforms import augment
 
 SIZE = 32
 TINY = {
@@ -617,3 +618,43 @@ def test_vision_keypoint_input_is_blind_to_the_state(spatial):
     d.update(keypoints=6, keypoint_input="pixels")
     with pytest.raises(ValueError, match="keypoint_input must be one of"):
         VLA.build(VLAConfig.from_dict(d), tok)
+
+
+def _residual_of_affine_fit(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Per image, the largest error of the best `after = a * before + b` over the pixels the jitter
+    did not clamp (0 when no pixel moved)."""
+    out = []
+    for x, y in zip(before.flatten(1), after.flatten(1)):
+        keep = (y > 1e-6) & (y < 1 - 1e-6)
+        x, y = x[keep].double(), y[keep].double()
+        a = ((x - x.mean()) * (y - y.mean())).sum() / (x - x.mean()).pow(2).sum()
+        out.append((y - (a * x + y.mean() - a * x.mean())).abs().max())
+    return torch.stack(out)
+
+
+def test_augment_shift_zero_jitters_colour_and_moves_no_pixel():
+    torch.manual_seed(0)
+    images = 0.3 + 0.4 * torch.rand(8, 1, 3, 24, 24)  # no clamping under the jitter
+    unshifted = _residual_of_affine_fit(images[:, 0], augment(images, 0)[:, 0])
+    shifted = _residual_of_affine_fit(images[:, 0], augment(images, 4)[:, 0])
+    assert unshifted.max() < 1e-5
+    assert (shifted > 0.05).sum() >= 6  # a shift of 0 is drawn 1 time in 81
+
+
+def test_augment_shift_is_a_train_option_and_rejects_negative_pixels():
+    assert load_recipe("configs/metaworld_mt10.yaml", ["train.augment_shift=0"])[1].augment_shift == 0
+    with pytest.raises(ValueError, match="augment_shift"):
+        TrainConfig(augment_shift=-2)
+
+
+def test_the_trainer_shifts_its_images_by_train_augment_shift(tiny_dataset, tmp_path):
+    rows = np.arange(8)
+    plain = Trainer(tiny_cfg(), train_cfg(tiny_dataset, tmp_path / "a"), progress=False).make_batch(rows)["images"]
+    torch.manual_seed(0)
+    jittered = Trainer(tiny_cfg(), train_cfg(tiny_dataset, tmp_path / "b", augment=True, augment_shift=0),
+                       progress=False).make_batch(rows)["images"]
+    torch.manual_seed(0)
+    shifted = Trainer(tiny_cfg(), train_cfg(tiny_dataset, tmp_path / "c", augment=True, augment_shift=4),
+                      progress=False).make_batch(rows)["images"]
+    assert _residual_of_affine_fit(plain.flatten(0, 1), jittered.flatten(0, 1)).max() < 1e-4
+    assert (_residual_of_affine_fit(plain.flatten(0, 1), shifted.flatten(0, 1)) > 0.01).sum() >= 8

@@ -216,6 +216,9 @@ class TrainConfig:
     eval_every: int = 0  # >0: sim success on a few episodes per task every that many steps
     eval_episodes: int = 2
     augment: bool = True
+    augment_shift: int = 4  # px each way of the augmentation's random shift (0: colour jitter only).
+    #                         Where a target's absolute image position is the cue (a 2-3 px goal dot
+    #                         whose whole range is a few px), a shift as large as that range hides it
     early_frames: int = 0  # >0: the first early_frames frames of every episode are drawn early_repeat times
     early_repeat: int = 1  # as often per epoch (where the instruction decides what to do; later frames
     #                        can be told from the arm's own motion, and would drown out the instruction)
@@ -231,6 +234,10 @@ class TrainConfig:
     #                         at success, so masked, what a chunk does after "let go" is never taught
     threads: int = 0  # torch threads on CPU; 0 keeps torch's default
     cache_mb: float = 4096  # decoded camera frames kept in memory; a larger dataset is read in windows
+
+    def __post_init__(self):
+        if self.augment_shift < 0:
+            raise ValueError(f"train.augment_shift is pixels each way, >= 0, got {self.augment_shift}")
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

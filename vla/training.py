@@ -208,7 +208,7 @@ class TrainingData:
         """The model's inputs (and keypoint targets, if trained) for rows `b` of dataset `ds`."""
         images, state = model_inputs(b, self.model_cfg.cameras, self.norm, self.device)
         if self.cfg.augment:
-            images = augment(images)
+            images = augment(images, self.cfg.augment_shift)
         ids, mask = self._tokens[id(ds)]
         t = torch.from_numpy(b["task_index"]).to(self.device)
         out = {"images": images, "input_ids": ids[t], "text_mask": mask[t], "state": state}

@@ -109,16 +109,17 @@ def model_inputs(batch: dict, cameras, normalizer: Normalizer, device) -> tuple[
 
 
 def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Training only: random shift (pad by edge replication, random crop) and color jitter; images
-    (B, n, 3, H, W) in [0, 1]."""
+    """Training only: random shift by up to `pad` px each way (pad by edge replication, random crop;
+    0: none) and color jitter; images (B, n, 3, H, W) in [0, 1]."""
     b, n, c, h, w = images.shape
     x = images.reshape(b * n, c, h, w)
-    x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
-    ox = torch.randint(0, 2 * pad + 1, (b * n,))
-    oy = torch.randint(0, 2 * pad + 1, (b * n,))
-    rows = (oy[:, None] + torch.arange(h)[None]).to(x.device)
-    cols = (ox[:, None] + torch.arange(w)[None]).to(x.device)
-    x = x[torch.arange(b * n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if pad > 0:
+        x = torch.nn.functional.pad(x, (pad, pad, pad, pad), mode="replicate")
+        ox = torch.randint(0, 2 * pad + 1, (b * n,))
+        oy = torch.randint(0, 2 * pad + 1, (b * n,))
+        rows = (oy[:, None] + torch.arange(h)[None]).to(x.device)
+        cols = (ox[:, None] + torch.arange(w)[None]).to(x.device)
+        x = x[torch.arange(b * n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
     brightness = 1 + (torch.rand(b * n, 1, 1, 1, device=x.device) - 0.5) * 0.3
     contrast = 1 + (torch.rand(b * n, 1, 1, 1, device=x.device) - 0.5) * 0.3
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
