@@ -185,7 +185,7 @@ class Policy:
         self._check(obs)
         images, state = self.prepare(obs)
         ids, mask = self._text(obs["task"])
-        _, memory, spatial = self.model.encode(images, ids, mask, state, return_memory=True)
+        _, memory, spatial, _ = self.model.encode(images, ids, mask, state, return_memory=True)
         return self.norm.keypoints(self.model.keypoints_from_memory(memory, spatial))[0].float().cpu().numpy()
 
     def act(self, obs: dict) -> np.ndarray:

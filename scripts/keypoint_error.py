@@ -1,8 +1,11 @@
-"""How well a policy with the keypoint aid locates the object and the goal: its keypoint head's
-mean |error| per task, in cm, on a dataset's frames (observation.environment_state: object xyz,
-goal xyz), beside the error of always answering the task's mean position (what no vision gives).
+"""How well a policy locates the object and the goal on a dataset's frames, per task, beside the
+error of always answering the task's mean position (what no vision gives):
+- the keypoint head (model.keypoints): mean |error| in cm against observation.environment_state
+  (object xyz, goal xyz);
+- the trained spatial maps (model.pixel_keypoints): median error in pixels of the model's frame
+  against observation.pixel_keypoints (points off the frame left out).
 
-    .venv/bin/python scripts/keypoint_error.py runs/mt10_sp/final data/mt10_96 --frames 400
+    .venv/bin/python scripts/keypoint_error.py runs/mt10_px/final data/mt10_heldout --frames 400
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import torch
 
 from vla.artifact import load_artifact
 from vla.dataset import LeRobotDataset
-from vla.transforms import model_inputs
+from vla.training import pixel_keypoint_columns
+from vla.transforms import fit_points, model_inputs
 
 
 def main() -> None:
@@ -26,34 +30,55 @@ def main() -> None:
     args = p.parse_args()
 
     model, _, norm = load_artifact(args.policy)
-    if model.keypoint_head is None:
-        raise SystemExit(f"{args.policy}: the model has no keypoint head (model.keypoints=0)")
     cfg = model.cfg
     ds = LeRobotDataset(args.dataset, horizon=1, cameras=list(cfg.cameras), image_size=cfg.image_size,
                         image_fit=cfg.image_fit)
-    if ds.env_state is None:
-        raise SystemExit(f"{args.dataset}: no observation.environment_state to compare with")
+    heads = model.keypoint_head is not None and ds.env_state is not None
+    pixels = cfg.pixel_keypoints > 0 and "observation.pixel_keypoints" in ds.meta.features
+    if not heads and not pixels:
+        raise SystemExit(f"{args.policy} on {args.dataset}: neither a keypoint head with observation.environment_state "
+                         "nor trained spatial maps with observation.pixel_keypoints to compare")
+    columns = pixel_keypoint_columns(ds.meta, cfg.cameras, cfg.pixel_keypoints) if pixels else None
     names = dict(ds.meta.tasks)  # task_index -> instruction
     rng = np.random.default_rng(0)
-    print(f"{'task':60s} {'object cm':>10s} {'(mean)':>8s} {'goal cm':>8s} {'(mean)':>8s}")
+    print(f"{'task':44s}" + (f" {'object cm':>10s} {'(mean)':>7s} {'goal cm':>8s} {'(mean)':>7s}" if heads else "")
+          + (f" {'object px':>10s} {'(mean)':>7s} {'goal px':>8s} {'(mean)':>7s}" if pixels else ""))
     for t in sorted(np.unique(ds.task_index)):
         rows = np.flatnonzero(ds.task_index == t)
         if args.first_frames:
             rows = rows[ds.frame_index[rows] == 0]
         rows = rng.choice(rows, min(args.frames, len(rows)), replace=False)
-        preds = []
+        kps, coords = [], []
         for chunk in np.array_split(rows, max(1, len(rows) // 64)):
             b = ds.batch(chunk)
             images, state = model_inputs(b, cfg.cameras, norm, "cpu")
             ids, mask = model.backbone.tokenize([names[t]] * len(chunk), "cpu")
             with torch.no_grad():
-                _, memory, spatial = model.encode(images, ids, mask, state, return_memory=True)
-                preds.append(norm.keypoints(model.keypoints_from_memory(memory, spatial)).numpy())
-        pred = np.concatenate(preds)
-        true = ds.env_state[rows]
-        err = np.linalg.norm((pred - true).reshape(len(rows), -1, 3), axis=-1).mean(0) * 100
-        base = np.linalg.norm((true - true.mean(0)).reshape(len(rows), -1, 3), axis=-1).mean(0) * 100
-        print(f"{names[t][:60]:60s} {err[0]:10.1f} {base[0]:8.1f} {err[1]:8.1f} {base[1]:8.1f}")
+                _, memory, spatial, _ = model.encode(images, ids, mask, state, return_memory=True)
+                if heads:
+                    kps.append(norm.keypoints(model.keypoints_from_memory(memory, spatial)).numpy())
+                if pixels:
+                    coords.append(spatial.view(len(chunk), len(cfg.cameras), -1, 2)[:, :, :cfg.pixel_keypoints].numpy())
+        line = f"{names[t][:44]:44s}"
+        if heads:
+            true = ds.env_state[rows].reshape(len(rows), -1, 3)
+            err = np.linalg.norm(np.concatenate(kps).reshape(true.shape) - true, axis=-1).mean(0) * 100
+            base = np.linalg.norm(true - true.mean(0), axis=-1).mean(0) * 100
+            line += f" {err[0]:10.1f} {base[0]:7.1f} {err[1]:8.1f} {base[1]:7.1f}"
+        if pixels:
+            true = ds.batch(rows)["observation.pixel_keypoints"][:, columns]  # (n, cams, P, 2)
+            for c, cam in enumerate(cfg.cameras):
+                h, w = ds.meta.features[f"observation.images.{cam}"]["shape"][:2]
+                true[:, c] = fit_points(true[:, c], h, w, cfg.image_size, cfg.image_fit)
+            pred = np.concatenate(coords)
+            on = (np.abs(true) <= 1).all(-1)
+            px = cfg.image_size / 2
+            err = np.linalg.norm(pred - true, axis=-1) * px
+            base = np.linalg.norm(true - true.mean(0), axis=-1) * px
+            e = [np.median(err[:, :, k][on[:, :, k]]) if on[:, :, k].any() else np.nan for k in range(2)]
+            m = [np.median(base[:, :, k][on[:, :, k]]) if on[:, :, k].any() else np.nan for k in range(2)]
+            line += f" {e[0]:10.1f} {m[0]:7.1f} {e[1]:8.1f} {m[1]:7.1f}"
+        print(line)
 
 
 if __name__ == "__main__":

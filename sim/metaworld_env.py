@@ -8,7 +8,9 @@ object and goal positions drawn from the episode seed (`seed()` then `reset()`, 
 random vector instead of its 50 fixed task variants); the `corner2` camera (moved as LeRobot moves
 it) rendered and flipped upright; the state is the hand's xyz and the gripper opening (obs[:4]);
 the first object's and the goal's xyz are `observation.environment_state` (the keypoint aid's training
-target: a policy never gets it as input);
+target: a policy never gets it as input) and where they appear in the upright frame
+`observation.pixel_keypoints` (x, y in [-1, 1], pinhole projection through the camera's pose and
+fovy: the spatial maps' training target, `model.pixel_keypoints`);
 actions are 4-d in [-1, 1]; success is `info["success"]`, an episode ends at success or 500 steps.
 """
 
@@ -32,8 +34,9 @@ def expert_for(task: str):
 
 class MetaWorldEnv(gym.Env):
     """obs: observation.images.corner2 (uint8 S x S x 3, upright), observation.state (float32 (4,):
-    hand xyz, gripper), observation.environment_state (float32 (6,): object xyz, goal xyz), task (the
-    instruction); action float32 (4,) in [-1, 1]."""
+    hand xyz, gripper), observation.environment_state (float32 (6,): object xyz, goal xyz),
+    observation.pixel_keypoints (float32 (4,): object x, y, goal x, y in the frame, [-1, 1] from the
+    left / top edge to the right / bottom one), task (the instruction); action float32 (4,) in [-1, 1]."""
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 80}
 
@@ -59,7 +62,8 @@ class MetaWorldEnv(gym.Env):
         self.observation_space = gym.spaces.Dict({
             f"observation.images.{camera}": gym.spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
             "observation.state": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32),
-            "observation.environment_state": gym.spaces.Box(-np.inf, np.inf, (6,), np.float32)})
+            "observation.environment_state": gym.spaces.Box(-np.inf, np.inf, (6,), np.float32),
+            "observation.pixel_keypoints": gym.spaces.Box(-np.inf, np.inf, (4,), np.float32)})
         self.action_space = gym.spaces.Box(-1.0, 1.0, (4,), np.float32)
         self._raw = None
         self._steps = 0
@@ -71,7 +75,22 @@ class MetaWorldEnv(gym.Env):
         keypoints = np.concatenate([self._raw[4:7], self.env._target_pos])  # object xyz, goal xyz
         return {f"observation.images.{self.camera}": np.ascontiguousarray(image),
                 "observation.state": self._raw[:4].astype(np.float32),
-                "observation.environment_state": keypoints.astype(np.float32), "task": self.instruction}
+                "observation.environment_state": keypoints.astype(np.float32),
+                "observation.pixel_keypoints": self.project(keypoints.reshape(2, 3)).reshape(-1),
+                "task": self.instruction}
+
+    def project(self, points: np.ndarray) -> np.ndarray:
+        """World points (N, 3) -> where the frame this env returns shows them, (N, 2) float32: x, y in
+        [-1, 1] from the left / top edge to the right / bottom one (outside that range: off the frame)."""
+        model, data = self.env.model, self.env.data
+        cam = model.camera(self.camera).id
+        local = (points - data.cam_xpos[cam]) @ data.cam_xmat[cam].reshape(3, 3)  # MuJoCo's camera looks along -z
+        half = np.tan(np.radians(model.cam_fovy[cam]) / 2)
+        xy = local[:, :2] / (-local[:, 2:3] * half)  # +x right, +y up in the rendered image
+        xy[:, 1] = -xy[:, 1]  # image rows grow downwards
+        if self.camera == "corner2":
+            xy = -xy  # the frame is flipped upright (both axes)
+        return xy.astype(np.float32)
 
     def reset(self, *, seed: int | None = None, options=None):
         super().reset(seed=seed)

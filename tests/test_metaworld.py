@@ -86,6 +86,31 @@ def test_the_first_frame_draws_the_goal_where_the_episode_put_it():
 
 
 @needs_metaworld
+def test_pixel_keypoints_are_where_the_frame_draws_the_puck_and_the_goal():
+    """observation.pixel_keypoints: between two layouts of push the frames differ at the puck and the
+    goal dot, and the projected points sit at the centres of those changes (to 1.5 px at 96 px)."""
+    script = textwrap.dedent("""
+        import numpy as np
+        from vla.sim.metaworld_env import MetaWorldEnv
+        env = MetaWorldEnv("push-v3", image_size=96)
+        a, b = (env.reset(seed=s)[0] for s in (3, 4))
+        changed = np.abs(a["observation.images.corner2"].astype(int) - b["observation.images.corner2"]).sum(-1) > 40
+        rows, cols = np.nonzero(changed)
+        for obs in (a, b):
+            for x, y in obs["observation.pixel_keypoints"].reshape(2, 2):
+                px, py = (x + 1) / 2 * 96, (y + 1) / 2 * 96
+                near = (np.abs(cols + 0.5 - px) <= 4) & (np.abs(rows + 0.5 - py) <= 4)
+                assert near.sum() >= 2, (x, y)
+                centre = np.array([cols[near].mean() + 0.5, rows[near].mean() + 0.5])
+                assert np.abs(centre - [px, py]).max() < 1.5, (centre, px, py)
+        env.close()
+        print("ok")
+    """)
+    run = subprocess.run([str(suite_python("metaworld")), "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
+
+
+@needs_metaworld
 def test_expert_demos_train_a_policy_that_vla_eval_runs_on_pinned_seeds(tmp_path):
     summary = collect(tmp_path / "mw", ["reach"], episodes=2, workers=1, image_size=32, suite="metaworld",
                       progress=False)
@@ -93,8 +118,10 @@ def test_expert_demos_train_a_policy_that_vla_eval_runs_on_pinned_seeds(tmp_path
     ds = LeRobotDataset(tmp_path / "mw")
     assert ds.camera_keys == [CAMERA] and ds.meta.fps == 80 and ds.state.shape[1] == 4 and ds.action.shape[1] == 4
     assert ds.meta.features["observation.environment_state"]["names"][3:] == ["goal.x", "goal.y", "goal.z"]
+    assert ds.meta.features["observation.pixel_keypoints"]["names"] == ["corner2.object.x", "corner2.object.y",
+                                                                        "corner2.goal.x", "corner2.goal.y"]
     assert [e["sim_seed"] for e in ds.meta.episodes] == [0, 1] and ds.meta.tasks == {0: "reach the goal position"}
-    recipe = {"horizon": 4, "n_action_steps": 2,
+    recipe = {"horizon": 4, "n_action_steps": 2, "spatial_keypoints": 3, "pixel_keypoints": 2,
               "backbone": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
                            "vision_mlp": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1,
                            "text_mlp": 128, "max_text_tokens": 8},

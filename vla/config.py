@@ -77,6 +77,9 @@ class VLAConfig:
     #                                 cannot stand in for finding the target in the pixels
     spatial_keypoints: int = 0  # >0: that many spatial-softmax (x, y) readouts of each camera's frame
     #                             (a small conv net, model.SpatialKeypoints) condition the head (adaLN)
+    pixel_keypoints: int = 0  # >0: the first that many spatial maps of each camera are trained on where
+    #                           the frame shows each point (the dataset's observation.pixel_keypoints,
+    #                           a heatmap loss), and the conv net is FiLM-conditioned on the instruction
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -227,6 +230,7 @@ class TrainConfig:
     keypoint_dataset: str | None = None  # scenes (`vla collect --scenes-only`) that train the keypoint
     #                                      loss alone: thousands of layouts where demos have hundreds
     keypoint_batch: int = 64  # its samples per step, beside batch_size demonstration samples
+    pixel_keypoint_weight: float = 0.1  # weight of the spatial maps' heatmap loss (model.pixel_keypoints > 0)
     state_dropout: float = 0.0  # fraction of samples trained without the robot state: the target must
     #                             then come from the images, not from where the arm already went
     pad_loss: bool = False  # also train the chunk steps past an episode's end, on its last action

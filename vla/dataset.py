@@ -40,6 +40,12 @@ from vla.video import VideoError, VideoWriter, decode_segment, probe_video
 
 CODEBASE_VERSION = "v3.0"
 CHUNKS_SIZE = 1000
+# optional per-frame training targets from a simulator, never policy inputs:
+#   observation.environment_state  the named object's and goal's xyz (LeRobot's key)
+#   observation.pixel_keypoints    where each camera's frame shows them, names "<camera>.<point>.<x|y>",
+#                                  x and y in [-1, 1] from the left / top edge to the right / bottom one
+ENV_STATE = "observation.environment_state"
+PIXEL_KEYPOINTS = "observation.pixel_keypoints"
 DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
 VIDEO_PATH = "videos/{video_key}/chunk-{chunk_index:03d}/file-{file_index:03d}.mp4"
 EPISODES_PATH = "meta/episodes/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
@@ -514,8 +520,9 @@ class LeRobotDataset:
         self.episodes = eps
 
         # optional: privileged sim keypoints, a training target only (never a policy input)
-        self.env_state_key = "observation.environment_state" if "observation.environment_state" in feats else None
-        vector_keys = ["observation.state", "action"] + ([self.env_state_key] if self.env_state_key else [])
+        self.env_state_key = ENV_STATE if ENV_STATE in feats else None
+        self.targets = [k for k in (ENV_STATE, PIXEL_KEYPOINTS) if k in feats]
+        vector_keys = ["observation.state", "action"] + self.targets
         self._vectors_from_data(eps, vector_keys)
         self.state = self._vectors["observation.state"]
         self.action = self._vectors["action"]
@@ -656,8 +663,8 @@ class LeRobotDataset:
             "frame_index": self.frame_index[idx],
             "index": idx,
         })
-        if self.env_state is not None:
-            out[self.env_state_key] = self.env_state[idx]
+        for k in self.targets:
+            out[k] = self._vectors[k][idx]
         return out
 
     def __getitem__(self, i: int) -> dict:

@@ -175,6 +175,9 @@ class FastVLA:
         self.film = None
         if bb.film is not None:
             self.film = torch.zeros(1, vc.num_hidden_layers, 2, 1, vc.hidden_size, device=self.device)
+        self.spatial_film = None  # the spatial maps' FiLM of the instruction (model.pixel_keypoints)
+        if model.spatial is not None and model.spatial.film is not None:
+            self.spatial_film = torch.zeros(1, model.spatial.film.out_features, device=self.device)
         self.state_pos = torch.tensor([self.prefix - 1], device=self.device)
         self.kp_mods = None  # per head block, ada(cond) of this step's VLA.head_condition
         if model.cfg.keypoint_cond or model.spatial is not None:
@@ -250,6 +253,8 @@ class FastVLA:
         self.key_valid[:, : self.text_len] = mask
         if bb.film is not None:
             self.film.copy_(bb.film_params(bb.instruction_embedding(ids, mask)))
+        if self.spatial_film is not None:
+            self.spatial_film.copy_(self.model.spatial_film(ids, mask))
         pos = torch.arange(self.text_len, device=self.device)[None]
         h = bb.vlm.get_input_embeddings()(ids)
         self._run_lm(h, pos, self.key_valid)
@@ -363,7 +368,8 @@ class FastVLA:
         self._write_head_rows(self._last_lm_out, pos)
         if self.kp_mods is not None:  # ada is linear: ada(time + cond) = ada(time) + W cond
             m = self.model
-            cond = m.head_condition(self._last_lm_out, m.spatial_coordinates(x, 1))  # its last row: the state token
+            spatial = m.spatial_coordinates(x, 1, self.spatial_film)
+            cond = m.head_condition(self._last_lm_out, spatial)  # its last row: the state token
             for i, blk in enumerate(m.head.blocks):
                 self.kp_mods[i].copy_(blk.modulation(cond, bias=False))
         return self._last_key_valid[:, None, None, :]

@@ -306,23 +306,73 @@ class SpatialKeypoints(nn.Module):
     Levine et al. 2016): `maps` (x, y) pairs in [-1, 1] per frame, from a grid at half the input's
     resolution. The vision encoder's 8-px patches (16-px tokens after the connector) leave a 2-4 px
     puck or goal dot to be placed by learned position embeddings from a few dozen layouts; these
-    coordinates follow the object by construction."""
+    coordinates follow the object by construction.
 
-    def __init__(self, maps: int, channels: int = 32):
+    With `instruction_dim` the hidden features are FiLM-modulated by the instruction embedding (which
+    object a map finds depends on the task) and `heatmap_loss` trains maps directly on where the
+    frame shows a point (`model.pixel_keypoints`): a local detector, every pixel a labelled example,
+    so it generalizes across layouts where a regression from a few dozen of them memorizes."""
+
+    def __init__(self, maps: int, channels: int = 32, instruction_dim: int = 0):
         super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(3, channels, 5, stride=2, padding=2), nn.GELU(),
-                                 nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
-                                 nn.Conv2d(channels, maps, 1))
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 5, stride=2, padding=2), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, padding=1))  # a 13-px receptive field
+        self.out = nn.Sequential(nn.GELU(), nn.Conv2d(channels, maps, 1))
+        self.film = None
+        if instruction_dim:  # zero-init: starts as the unconditioned net
+            self.film = nn.Linear(instruction_dim, 2 * channels)
+            nn.init.zeros_(self.film.weight)
+            nn.init.zeros_(self.film.bias)
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
-    def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """frames (N, 3, S, S), normalized as the vision encoder's input -> (N, 2 * maps)."""
-        logits = self.net(frames)
-        n, k, h, w = logits.shape
-        p = torch.softmax(logits.flatten(2).float() * self.log_temperature.exp(), dim=-1).view(n, k, h, w)
-        xs = torch.linspace(-1.0, 1.0, w, device=frames.device)
-        ys = torch.linspace(-1.0, 1.0, h, device=frames.device)
+    def film_params(self, instruction: torch.Tensor) -> torch.Tensor | None:
+        """(B, instruction_dim) -> (B, 2 * channels), or None without FiLM. The embedding is detached:
+        the maps' loss does not move the language model's embeddings."""
+        return None if self.film is None else self.film(instruction.detach().float())
+
+    def log_probs(self, frames: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
+        """frames (N, 3, S, S), normalized as the vision encoder's input; film (N, 2 * channels) or
+        None -> each map's log-softmax over its grid, (N, maps, S / 2, S / 2)."""
+        h = self.stem(frames)
+        if film is not None:
+            scale, shift = film[:, :, None, None].to(h.dtype).chunk(2, dim=1)
+            h = h * (1 + scale) + shift
+        logits = self.out(h)
+        n, k, gh, gw = logits.shape
+        return torch.log_softmax(logits.flatten(2).float() * self.log_temperature.exp(), dim=-1).view(n, k, gh, gw)
+
+    @staticmethod
+    def grid(size: int, device) -> torch.Tensor:
+        """The normalized coordinate of each cell's centre along one axis of a `size`-cell grid."""
+        return (torch.arange(size, device=device, dtype=torch.float32) + 0.5) / size * 2 - 1
+
+    def coordinates(self, log_probs: torch.Tensor) -> torch.Tensor:
+        """(N, maps, h, w) log-probabilities -> expected (x, y) per map, flattened (N, 2 * maps)."""
+        p = log_probs.exp()
+        xs, ys = self.grid(p.shape[-1], p.device), self.grid(p.shape[-2], p.device)
         return torch.stack([(p.sum(2) * xs).sum(-1), (p.sum(3) * ys).sum(-1)], dim=-1).flatten(1)
+
+    def forward(self, frames: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
+        """frames (N, 3, S, S) -> (N, 2 * maps)."""
+        return self.coordinates(self.log_probs(frames, film))
+
+    def heatmap_loss(self, log_probs: torch.Tensor, points: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+        """Cross-entropy of the first P maps' distributions (log_probs (N, maps, h, w)) against a
+        Gaussian of `sigma` cells at each point (points (N, P, 2), x and y in [-1, 1]); a point off
+        the frame (or not finite) is left out. A mean over the points left."""
+        n, k_pts = points.shape[:2]
+        lp = log_probs[:, :k_pts]
+        gh, gw = lp.shape[-2:]
+        valid = torch.isfinite(points).all(-1) & (points.abs() <= 1).all(-1)
+        pts = torch.where(valid[..., None], points, torch.zeros_like(points)).float()
+        xs, ys = self.grid(gw, lp.device), self.grid(gh, lp.device)
+        dx = (xs[None, None] - pts[..., 0:1]) * gw / 2  # in cells
+        dy = (ys[None, None] - pts[..., 1:2]) * gh / 2
+        target = torch.exp(-(dy[..., :, None] ** 2 + dx[..., None, :] ** 2) / (2 * sigma ** 2))
+        target = target / target.sum((-1, -2), keepdim=True)
+        ce = -(target * lp).sum((-1, -2))
+        return (ce * valid).sum() / valid.sum().clamp(min=1)
 
 
 def add_lora(backbone: Backbone, rank: int) -> None:
@@ -352,8 +402,12 @@ class VLA(nn.Module):
             d, n_in = backbone.hidden, backbone.hidden + n_spatial
             self.keypoint_head = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d), nn.GELU(), nn.Linear(d, cfg.keypoints))
         self.spatial = self.spatial_cond = None
+        if cfg.pixel_keypoints > cfg.spatial_keypoints:
+            raise ValueError(f"model.pixel_keypoints={cfg.pixel_keypoints} trains that many of each camera's "
+                             f"spatial maps: model.spatial_keypoints={cfg.spatial_keypoints} must be at least that")
         if n_spatial:  # every camera's coordinates -> the head's adaLN conditioning
-            self.spatial = SpatialKeypoints(cfg.spatial_keypoints)
+            self.spatial = SpatialKeypoints(cfg.spatial_keypoints,
+                                            instruction_dim=backbone.hidden if cfg.pixel_keypoints else 0)
             self.spatial_cond = nn.Sequential(nn.Linear(n_spatial, cfg.head.hidden), nn.SiLU(),
                                               nn.Linear(cfg.head.hidden, cfg.head.hidden))
         h = cfg.head
@@ -392,14 +446,37 @@ class VLA(nn.Module):
         if state_keep is not None:
             state_token = state_token * state_keep[:, None].to(state_token.dtype)
         memory, mask = self.backbone(input_ids, text_mask, images, state_token)
-        spatial = self.spatial_coordinates(self.backbone.preprocess(images.flatten(0, 1)), len(images))
+        spatial_lp = self.spatial_log_probs(images, input_ids, text_mask)
+        spatial = None if spatial_lp is None else self.spatial.coordinates(spatial_lp).view(len(images), -1)
         cache = self.head.prefix_cache(memory.float(), mask, self.head_condition(memory, spatial))
-        return (cache, memory, spatial) if return_memory else cache
+        return (cache, memory, spatial, spatial_lp) if return_memory else cache
 
-    def spatial_coordinates(self, frames: torch.Tensor, batch: int) -> torch.Tensor | None:
-        """frames (batch * cameras, 3, S, S) preprocessed -> (batch, cameras * 2 * maps), or None
+    def spatial_film(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
+        """The spatial maps' FiLM parameters of each instruction (B, 2 * channels), or None."""
+        if self.spatial is None or self.spatial.film is None:
+            return None
+        return self.spatial.film_params(self.backbone.instruction_embedding(input_ids, text_mask))
+
+    def spatial_log_probs(self, images: torch.Tensor, input_ids: torch.Tensor,
+                          text_mask: torch.Tensor) -> torch.Tensor | None:
+        """images (B, n_cam, 3, S, S) in [0, 1] -> the spatial maps (B * n_cam, maps, h, w), or None
         without spatial_keypoints."""
-        return None if self.spatial is None else self.spatial(frames).view(batch, -1)
+        if self.spatial is None:
+            return None
+        film = self.spatial_film(input_ids, text_mask)
+        if film is not None:
+            film = film.repeat_interleave(images.shape[1], 0)
+        return self.spatial.log_probs(self.backbone.preprocess(images.flatten(0, 1)), film)
+
+    def spatial_coordinates(self, frames: torch.Tensor, batch: int, film: torch.Tensor | None = None
+                            ) -> torch.Tensor | None:
+        """frames (batch * cameras, 3, S, S) preprocessed (film: one row per frame, or one for all)
+        -> (batch, cameras * 2 * maps), or None without spatial_keypoints."""
+        if self.spatial is None:
+            return None
+        if film is not None and len(film) != len(frames):
+            film = film.expand(len(frames), -1)
+        return self.spatial(frames, film).view(batch, -1)
 
     def head_condition(self, memory: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor | None:
         """What the prefix adds to the head's time embedding (adaLN), (B, head hidden), or None:
@@ -419,11 +496,15 @@ class VLA(nn.Module):
         return self.loss(**batch)
 
     def loss(self, images, input_ids, text_mask, state, actions, action_is_pad, state_keep=None,
-             keypoints=None, keypoint_weight: float = 1.0) -> torch.Tensor:
+             keypoints=None, keypoint_weight: float = 1.0, pixel_keypoints=None,
+             pixel_keypoint_weight: float = 1.0) -> torch.Tensor:
         """The action loss, plus `keypoint_weight` x the keypoint loss where `keypoints` (normalized
-        (B, keypoints) targets) are given and the model has a keypoint head. Rows past
+        (B, keypoints) targets) are given and the model has a keypoint head, plus
+        `pixel_keypoint_weight` x the spatial maps' heatmap loss where `pixel_keypoints` ((B, n_cam,
+        P, 2): where each camera's frame, as augmented, shows each point) are given. Rows past
         len(actions) are keypoint-only samples: they share the backbone pass, not the action loss."""
-        cache, memory, spatial = self.encode(images, input_ids, text_mask, state, state_keep, return_memory=True)
+        cache, memory, spatial, spatial_lp = self.encode(images, input_ids, text_mask, state, state_keep,
+                                                         return_memory=True)
         n = len(actions)
         if len(images) > n:
             cache = cache.first(n)
@@ -431,6 +512,9 @@ class VLA(nn.Module):
         if keypoints is not None and self.keypoint_head is not None:
             pred = self.keypoints_from_memory(memory, spatial)
             loss = loss + keypoint_weight * F.smooth_l1_loss(pred, keypoints.float(), beta=0.1)
+        if pixel_keypoints is not None and spatial_lp is not None:  # the demonstration rows come first
+            points = pixel_keypoints.flatten(0, 1)
+            loss = loss + pixel_keypoint_weight * self.spatial.heatmap_loss(spatial_lp[:len(points)], points)
         return loss
 
     def keypoints_from_memory(self, memory: torch.Tensor, spatial: torch.Tensor | None = None) -> torch.Tensor:

@@ -25,10 +25,10 @@ from safetensors.torch import load_file, save_file
 
 from vla.artifact import save_artifact
 from vla.config import TrainConfig, VLAConfig
-from vla.dataset import DatasetError, DatasetMeta, LeRobotDataset
+from vla.dataset import PIXEL_KEYPOINTS, DatasetError, DatasetMeta, LeRobotDataset
 from vla.spec import PolicySpec
 from vla.tokenizer import build_tokenizer
-from vla.transforms import Normalizer, augment, model_inputs
+from vla.transforms import Normalizer, augment, fit_points, model_inputs
 
 CHECKPOINT_RE = re.compile(r"^step-(\d{6,})$")
 
@@ -96,6 +96,35 @@ def _require_keypoints(ds: LeRobotDataset, path: str, size: int, hint: str) -> N
     if key is None or tuple(ds.meta.features[key]["shape"]) != (size,):
         raise DatasetError(f"{path}: model.keypoints={size} needs an observation.environment_state "
                            f"feature of that size ({hint})")
+
+
+def pixel_keypoint_columns(meta: DatasetMeta, cameras, points: int) -> np.ndarray:
+    """The columns of the dataset's observation.pixel_keypoints holding the first `points` points of
+    each camera, (n_cam, points, 2 (x, y)), from its names "<camera>.<point>.<x|y>"; one DatasetError
+    where it lacks one."""
+    info = meta.root / "meta" / "info.json"
+    feature = meta.features.get(PIXEL_KEYPOINTS)
+    if feature is None:
+        raise DatasetError(f"{info}: model.pixel_keypoints={points} needs an {PIXEL_KEYPOINTS} feature "
+                           "(where each camera's frame shows each point; vla collect --suite metaworld records one)")
+    names = _channel_names(feature)
+    if names is None:
+        raise DatasetError(f"{info}: {PIXEL_KEYPOINTS} needs names, one '<camera>.<point>.<x|y>' per channel")
+    cols = np.zeros((len(cameras), points, 2), dtype=np.int64)
+    for c, cam in enumerate(cameras):
+        found: dict[str, dict[str, int]] = {}
+        for i, name in enumerate(names):
+            cam_name, _, rest = name.partition(".")
+            point, _, axis = rest.rpartition(".")
+            if cam_name == cam and point and axis in ("x", "y"):
+                found.setdefault(point, {})[axis] = i
+        pts = [p for p, axes in found.items() if len(axes) == 2]
+        if len(pts) < points:
+            raise DatasetError(f"{info}: model.pixel_keypoints={points} but {PIXEL_KEYPOINTS} has {len(pts)} "
+                               f"points (x and y) of camera {cam!r}: {names}")
+        for k, p in enumerate(pts[:points]):
+            cols[c, k] = found[p]["x"], found[p]["y"]
+    return cols
 
 
 def _channel_names(feature: dict) -> tuple[str, ...] | None:
@@ -168,6 +197,9 @@ class TrainingData:
         self.train_keypoints = model_cfg.keypoints > 0
         if self.train_keypoints:
             _require_keypoints(self.ds, cfg.dataset, model_cfg.keypoints, "vla collect records one")
+        self.pixel_columns = None
+        if model_cfg.pixel_keypoints > 0:
+            self.pixel_columns = pixel_keypoint_columns(self.ds.meta, model_cfg.cameras, model_cfg.pixel_keypoints)
         self.stats = Normalizer.stats_from_dataset(self.ds.meta.stats, self.train_keypoints)
         self.norm = Normalizer(self.stats)
         self.spec = make_spec(model_cfg, self.ds)
@@ -207,14 +239,29 @@ class TrainingData:
     def _inputs(self, ds: LeRobotDataset, b: dict) -> dict:
         """The model's inputs (and keypoint targets, if trained) for rows `b` of dataset `ds`."""
         images, state = model_inputs(b, self.model_cfg.cameras, self.norm, self.device)
+        points = self._pixel_points(ds, b) if ds is self.ds and self.pixel_columns is not None else None
         if self.cfg.augment:
-            images = augment(images, self.cfg.augment_shift)
+            if points is None:
+                images = augment(images, self.cfg.augment_shift)
+            else:
+                images, points = augment(images, self.cfg.augment_shift, points)
         ids, mask = self._tokens[id(ds)]
         t = torch.from_numpy(b["task_index"]).to(self.device)
         out = {"images": images, "input_ids": ids[t], "text_mask": mask[t], "state": state}
+        if points is not None:
+            out["pixel_keypoints"] = points
         if self.train_keypoints:
             out["keypoints"] = self.norm.keypoints_normalized(torch.from_numpy(b[ds.env_state_key]).to(self.device))
         return out
+
+    def _pixel_points(self, ds: LeRobotDataset, b: dict) -> torch.Tensor:
+        """(B, n_cam, P, 2): where each model camera's fitted frame shows each point."""
+        c = self.model_cfg
+        points = b[PIXEL_KEYPOINTS][:, self.pixel_columns]
+        for i, cam in enumerate(c.cameras):
+            h, w = ds.meta.features[f"observation.images.{cam}"]["shape"][:2]
+            points[:, i] = fit_points(points[:, i], h, w, c.image_size, c.image_fit)
+        return torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(self.device)
 
     def make_batch(self, idx: np.ndarray) -> dict:
         cfg = self.cfg
@@ -227,6 +274,8 @@ class TrainingData:
             batch["state_keep"] = (torch.rand(len(idx)) >= cfg.state_dropout).to(self.device)
         if self.train_keypoints:
             batch["keypoint_weight"] = cfg.keypoint_weight
+        if self.pixel_columns is not None:
+            batch["pixel_keypoint_weight"] = cfg.pixel_keypoint_weight
         if self.kp_ds is not None:  # keypoint-only scenes, appended after the demonstration rows
             scenes = self._inputs(self.kp_ds, self.kp_ds.batch(self.kp_batches.next()))
             for k, v in scenes.items():

@@ -52,6 +52,25 @@ def fit_frames(frames: np.ndarray, size: int, fit: str = "pad") -> np.ndarray:
     return x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
+def fit_points(points: np.ndarray, h: int, w: int, size: int, fit: str = "pad") -> np.ndarray:
+    """Where `fit_frames` puts what an H x W frame shows at `points` (..., 2: x, y in [-1, 1] across
+    the frame): the same in the fitted size x size frame."""
+    check_image_fit(fit)
+    px = (np.asarray(points, dtype=np.float32) + 1) / 2 * np.array([w, h], dtype=np.float32)  # pixels
+    if fit == "crop":
+        side = min(h, w)
+        px = px - np.array([(w - side) // 2, (h - side) // 2], dtype=np.float32)
+        h = w = side
+    if fit == "pad":
+        scale = size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        px = px * np.array([nw / w, nh / h], dtype=np.float32) + np.array([(size - nw) // 2, (size - nh) // 2],
+                                                                          dtype=np.float32)
+    else:
+        px = px * np.array([size / w, size / h], dtype=np.float32)
+    return px / size * 2 - 1
+
+
 class Normalizer:
     """State: (x - mean) / std. Action: min/max -> [-1, 1] (the diffusion head clips to that range)."""
 
@@ -108,9 +127,11 @@ def model_inputs(batch: dict, cameras, normalizer: Normalizer, device) -> tuple[
     return frames_to_unit(frames.to(device)), normalizer.state(state.to(device))
 
 
-def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
+def augment(images: torch.Tensor, pad: int = 4, points: torch.Tensor | None = None):
     """Training only: random shift by up to `pad` px each way (pad by edge replication, random crop;
-    0: none) and color jitter; images (B, n, 3, H, W) in [0, 1]."""
+    0: none) and color jitter; images (B, n, 3, H, W) in [0, 1]. With `points` (B, n, P, 2: x, y in
+    [-1, 1] across each camera's frame, as observation.pixel_keypoints) returns (images, points)
+    with the points moved as their frames were."""
     b, n, c, h, w = images.shape
     x = images.reshape(b * n, c, h, w)
     if pad > 0:
@@ -120,8 +141,12 @@ def augment(images: torch.Tensor, pad: int = 4) -> torch.Tensor:
         rows = (oy[:, None] + torch.arange(h)[None]).to(x.device)
         cols = (ox[:, None] + torch.arange(w)[None]).to(x.device)
         x = x[torch.arange(b * n)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+        if points is not None:  # what stood at column c now stands at c + pad - ox
+            move = torch.stack([(pad - ox) * 2.0 / w, (pad - oy) * 2.0 / h], -1).view(b, n, 1, 2)
+            points = points + move.to(points.device, points.dtype)
     brightness = 1 + (torch.rand(b * n, 1, 1, 1, device=x.device) - 0.5) * 0.3
     contrast = 1 + (torch.rand(b * n, 1, 1, 1, device=x.device) - 0.5) * 0.3
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
     x = ((x - mean) * contrast + mean) * brightness
-    return x.clamp(0, 1).reshape(b, n, c, h, w)
+    x = x.clamp(0, 1).reshape(b, n, c, h, w)
+    return x if points is None else (x, points)

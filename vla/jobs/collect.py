@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from vla.dataset import DatasetError, DatasetWriter
+from vla.dataset import PIXEL_KEYPOINTS, DatasetError, DatasetWriter
 from vla.jobs.suites import expert_episode, make_suite_env, suite_cameras, suite_dataset, suite_tasks
 from vla.serving.env_client import EnvServerError
 from vla.sim.env import CAMERAS
@@ -59,7 +59,7 @@ def _rollout(job):
         return task, seed, variant, None
     out = {f"observation.images.{c}": np.stack([o[f"observation.images.{c}"] for o, _ in frames])
            for c in cameras}
-    for key in ("observation.state", "observation.environment_state"):
+    for key in ("observation.state", "observation.environment_state", PIXEL_KEYPOINTS):
         if key in frames[0][0]:
             out[key] = np.stack([o[key] for o, _ in frames])
     out["action"] = np.stack([a for _, a in frames])

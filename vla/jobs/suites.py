@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from vla.dataset import video_feature
+from vla.dataset import PIXEL_KEYPOINTS, video_feature
 from vla.serving.env_client import RemoteEnv
 from vla.sim import make_env
 from vla.sim.env import CAMERAS, CONTROL_HZ
@@ -24,6 +24,8 @@ METAWORLD_FPS = 80  # MetaWorld's control rate (5 substeps of 2.5 ms)
 METAWORLD_STATE = ["hand.x", "hand.y", "hand.z", "gripper"]
 METAWORLD_ACTION = ["hand.dx", "hand.dy", "hand.dz", "gripper"]
 METAWORLD_KEYPOINTS = ["object.x", "object.y", "object.z", "goal.x", "goal.y", "goal.z"]
+# where the camera's frame shows them: "<camera>.<point>.<x|y>", [-1, 1] across the frame
+METAWORLD_PIXEL_KEYPOINTS = [f"{METAWORLD_CAMERA}.{p}.{a}" for p in ("object", "goal") for a in "xy"]
 
 
 def check_suite(suite: str) -> None:
@@ -59,7 +61,8 @@ def suite_dataset(suite: str, image_size: int, cameras=None) -> tuple[int, dict,
         feats = {f"observation.images.{METAWORLD_CAMERA}": video_feature(image_size, image_size, METAWORLD_FPS),
                  "observation.state": {"dtype": "float32", "shape": [4], "names": METAWORLD_STATE},
                  "action": {"dtype": "float32", "shape": [4], "names": METAWORLD_ACTION},
-                 "observation.environment_state": {"dtype": "float32", "shape": [6], "names": METAWORLD_KEYPOINTS}}
+                 "observation.environment_state": {"dtype": "float32", "shape": [6], "names": METAWORLD_KEYPOINTS},
+                 PIXEL_KEYPOINTS: {"dtype": "float32", "shape": [4], "names": METAWORLD_PIXEL_KEYPOINTS}}
         return METAWORLD_FPS, feats, "sawyer"
     feats = {f"observation.images.{c}": video_feature(image_size, image_size, CONTROL_HZ) for c in cameras or CAMERAS}
     feats["observation.state"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
