@@ -17,8 +17,8 @@ import torch
 
 from vla.artifact import load_artifact
 from vla.dataset import LeRobotDataset
-from vla.training import pixel_keypoint_columns
-from vla.transforms import fit_points, model_inputs
+from vla.training import fitted_pixel_keypoints, pixel_keypoint_columns
+from vla.transforms import model_inputs
 
 
 def main() -> None:
@@ -66,10 +66,7 @@ def main() -> None:
             base = np.linalg.norm(true - true.mean(0), axis=-1).mean(0) * 100
             line += f" {err[0]:10.1f} {base[0]:7.1f} {err[1]:8.1f} {base[1]:7.1f}"
         if pixels:
-            true = ds.batch(rows)["observation.pixel_keypoints"][:, columns]  # (n, cams, P, 2)
-            for c, cam in enumerate(cfg.cameras):
-                h, w = ds.meta.features[f"observation.images.{cam}"]["shape"][:2]
-                true[:, c] = fit_points(true[:, c], h, w, cfg.image_size, cfg.image_fit)
+            true = fitted_pixel_keypoints(ds.meta, ds.batch(rows)["observation.pixel_keypoints"], columns, cfg)
             pred = np.concatenate(coords)
             on = (np.abs(true) <= 1).all(-1)
             px = cfg.image_size / 2

@@ -361,8 +361,7 @@ class SpatialKeypoints(nn.Module):
         """Cross-entropy of the first P maps' distributions (log_probs (N, maps, h, w)) against a
         Gaussian of `sigma` cells at each point (points (N, P, 2), x and y in [-1, 1]); a point off
         the frame (or not finite) is left out. A mean over the points left."""
-        n, k_pts = points.shape[:2]
-        lp = log_probs[:, :k_pts]
+        lp = log_probs[:, :points.shape[1]]
         gh, gw = lp.shape[-2:]
         valid = torch.isfinite(points).all(-1) & (points.abs() <= 1).all(-1)
         pts = torch.where(valid[..., None], points, torch.zeros_like(points)).float()

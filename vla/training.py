@@ -127,6 +127,17 @@ def pixel_keypoint_columns(meta: DatasetMeta, cameras, points: int) -> np.ndarra
     return cols
 
 
+def fitted_pixel_keypoints(meta: DatasetMeta, values: np.ndarray, columns: np.ndarray,
+                           model_cfg: VLAConfig) -> np.ndarray:
+    """Rows of observation.pixel_keypoints (B, channels) -> (B, n_cam, P, 2) float32: where each model
+    camera's frame, fitted to the model's size as the reader fits it, shows each point."""
+    points = np.asarray(values, dtype=np.float32)[:, columns]
+    for i, cam in enumerate(model_cfg.cameras):
+        h, w = meta.features[f"observation.images.{cam}"]["shape"][:2]
+        points[:, i] = fit_points(points[:, i], h, w, model_cfg.image_size, model_cfg.image_fit)
+    return points
+
+
 def _channel_names(feature: dict) -> tuple[str, ...] | None:
     """LeRobot writes names as a list, or as {"motors": [...]} (older datasets)."""
     names = feature.get("names")
@@ -256,12 +267,8 @@ class TrainingData:
 
     def _pixel_points(self, ds: LeRobotDataset, b: dict) -> torch.Tensor:
         """(B, n_cam, P, 2): where each model camera's fitted frame shows each point."""
-        c = self.model_cfg
-        points = b[PIXEL_KEYPOINTS][:, self.pixel_columns]
-        for i, cam in enumerate(c.cameras):
-            h, w = ds.meta.features[f"observation.images.{cam}"]["shape"][:2]
-            points[:, i] = fit_points(points[:, i], h, w, c.image_size, c.image_fit)
-        return torch.from_numpy(np.ascontiguousarray(points, dtype=np.float32)).to(self.device)
+        points = fitted_pixel_keypoints(ds.meta, b[PIXEL_KEYPOINTS], self.pixel_columns, self.model_cfg)
+        return torch.from_numpy(points).to(self.device)
 
     def make_batch(self, idx: np.ndarray) -> dict:
         cfg = self.cfg
