@@ -20,6 +20,7 @@ import mujoco
 import numpy as np
 from gymnasium import spaces
 
+from vla.sim.camera import project
 from vla.sim.ik import ARM_JOINTS, ArmIK, down_rotation, tool_yaw
 from vla.sim.scene import build_model
 from vla.sim.tasks import TASKS
@@ -174,6 +175,16 @@ class TabletopEnv(gym.Env):
         target_rot = down_rotation(tool_yaw(rot) + a[3])
         q = self.ik.solve(q_cmd, pos + a[:3], target_rot, iters=20)
         return np.append(q, a[4])
+
+    def training_targets(self) -> dict:
+        """What the demonstrations record beside the observation, for training only (never a policy's
+        input): `observation.environment_state`, the task's keypoints (the named object's xyz, then the
+        goal's), and `observation.pixel_keypoints`, where each camera's frame shows them (x, y in
+        [-1, 1], "<camera>.<target|goal>.<x|y>" for each camera in turn)."""
+        keypoints = self.task.keypoints()
+        pixels = [project(self.model, self.data, c, keypoints.reshape(2, 3)).reshape(-1) for c in self.cameras]
+        return {"observation.environment_state": keypoints,
+                "observation.pixel_keypoints": np.concatenate(pixels).astype(np.float32)}
 
     def _info(self) -> dict:
         return {"success": self._success, "is_success": self._success, "task": self.instruction}

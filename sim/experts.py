@@ -191,8 +191,8 @@ class ScriptedExpert:
 
 def run_expert_episode(env: TabletopEnv, seed: int, record: bool = False, options: dict | None = None):
     """One expert episode. Returns (success, length, frames) where frames (if record) is a list of
-    (observation, action) pairs: the observation the action was chosen on, with the task's
-    keypoints under `observation.environment_state` (privileged, for training targets only)."""
+    (observation, action) pairs: the observation the action was chosen on, with the env's
+    `training_targets()` (privileged: the keypoints and where the frames show them)."""
     obs, _ = env.reset(seed=seed, options=options)
     expert = ScriptedExpert(env)
     expert.reset()
@@ -200,7 +200,7 @@ def run_expert_episode(env: TabletopEnv, seed: int, record: bool = False, option
     for _ in range(env.max_episode_steps):
         action = expert.act()
         if record:
-            frames.append(({**obs, "observation.environment_state": env.unwrapped.task.keypoints()}, action))
+            frames.append(({**obs, **env.unwrapped.training_targets()}, action))
         obs, _, terminated, truncated, info = env.step(action)
         if terminated or truncated:
             break

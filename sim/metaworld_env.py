@@ -22,6 +22,7 @@ import metaworld.policies as experts
 import mujoco
 import numpy as np
 
+from vla.sim.camera import project
 from vla.sim.metaworld_tasks import CAMERA, INSTRUCTIONS, MAX_STEPS
 
 EXPERT_NAMES = {"peg-insert-side-v3": "SawyerPegInsertionSideV3Policy"}  # the one irregular class name
@@ -80,17 +81,8 @@ class MetaWorldEnv(gym.Env):
                 "task": self.instruction}
 
     def project(self, points: np.ndarray) -> np.ndarray:
-        """World points (N, 3) -> where the frame this env returns shows them, (N, 2) float32: x, y in
-        [-1, 1] from the left / top edge to the right / bottom one (outside that range: off the frame)."""
-        model, data = self.env.model, self.env.data
-        cam = model.camera(self.camera).id
-        local = (points - data.cam_xpos[cam]) @ data.cam_xmat[cam].reshape(3, 3)  # MuJoCo's camera looks along -z
-        half = np.tan(np.radians(model.cam_fovy[cam]) / 2)
-        xy = local[:, :2] / (-local[:, 2:3] * half)  # +x right, +y up in the rendered image
-        xy[:, 1] = -xy[:, 1]  # image rows grow downwards
-        if self.camera == "corner2":
-            xy = -xy  # the frame is flipped upright (both axes)
-        return xy.astype(np.float32)
+        """World points (N, 3) -> where the frame this env returns shows them (`vla.sim.camera.project`)."""
+        return project(self.env.model, self.env.data, self.camera, points, upside_down=self.camera == "corner2")
 
     def reset(self, *, seed: int | None = None, options=None):
         super().reset(seed=seed)

@@ -3,11 +3,13 @@
 import warnings
 
 import gymnasium as gym
+import mujoco
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 
 from vla.sim import TASKS, make_env
+from vla.sim.camera import OFF_FRAME, project
 from vla.sim.experts import ScriptedExpert
 
 TASK_NAMES = list(TASKS)
@@ -142,3 +144,54 @@ def test_choosing_a_variant_keeps_the_seeds_layout(name):
         texts.append(obs["task"])
     assert len(set(texts)) == 3
     assert all(np.array_equal(layouts[0], q) for q in layouts[1:])
+
+
+@pytest.mark.parametrize("name", ["place_on_plate", "place_in_bin", "stack_cubes"])
+def test_pixel_keypoints_are_where_each_camera_draws_the_object_and_the_goal(name):
+    """training_targets()' observation.pixel_keypoints: in both cameras (the wrist one moves with the
+    arm) the target's and the goal's points sit on the pixels MuJoCo's segmentation renders for those
+    bodies, near their centres."""
+    size = 96
+    env = make_env(name, image_size=size)
+    renderer = mujoco.Renderer(env.model, size, size)
+    renderer.enable_segmentation_rendering()
+    centred = 0
+    for seed, moves in ((0, 0), (1, 6)):
+        env.reset(seed=seed)
+        expert = ScriptedExpert(env)
+        expert.reset()
+        for _ in range(moves):  # the arm away from home: the wrist camera's pose changes
+            env.step(expert.act())
+        points = env.training_targets()["observation.pixel_keypoints"].reshape(len(env.cameras), 2, 2)
+        for cam, cam_points in zip(env.cameras, points):
+            renderer.update_scene(env.data, camera=cam)
+            geoms = renderer.render()[..., 0]
+            bodies = np.where(geoms >= 0, env.model.geom_bodyid[np.clip(geoms, 0, None)], -1)
+            for body, (x, y) in zip((env.task.target, env.task.goal), cam_points):
+                if max(abs(x), abs(y)) > 1:  # off the frame (the wrist camera, near the table)
+                    continue
+                rows, cols = np.nonzero(bodies == env.model.body(body).id)
+                px, py = (x + 1) / 2 * size, (y + 1) / 2 * size
+                assert len(rows) and np.hypot(cols + 0.5 - px, rows + 0.5 - py).min() < 1.0, (cam, body, px, py)
+                if min(rows.min(), cols.min()) > 0 and max(rows.max(), cols.max()) < size - 1:  # wholly in view
+                    assert abs(cols.mean() + 0.5 - px) < 2 and abs(rows.mean() + 0.5 - py) < 2, (cam, body, px, py)
+                    centred += 1
+    assert centred >= 4
+    renderer.close()
+    env.close()
+
+
+def test_points_behind_or_beside_a_camera_read_as_off_the_frame():
+    """vla.sim.camera.project: a point behind the camera would project through the centre's mirror
+    image; it and a point far to the side read as off the frame (|x|, |y| > 1), clipped to OFF_FRAME."""
+    env = make_env("pick_cube", image_size=48)
+    env.reset(seed=0)
+    cam = env.model.camera("front").id
+    pos, rot = env.data.cam_xpos[cam], env.data.cam_xmat[cam].reshape(3, 3)
+    ahead, right = -rot[:, 2], rot[:, 0]  # the camera looks along its -z; +x is the frame's right
+    points = np.stack([pos + ahead, pos - ahead, pos + 0.01 * ahead + right])
+    xy = project(env.model, env.data, "front", points)
+    assert np.allclose(xy[0], 0, atol=1e-6)
+    assert np.array_equal(xy[1], [OFF_FRAME, OFF_FRAME])
+    assert xy[2, 0] == OFF_FRAME and abs(xy[2, 1]) < 1e-6
+    env.close()

@@ -51,7 +51,7 @@ def _rollout(job):
     options = None if variant < 0 else {"variant": variant}
     if scenes_only:
         obs, _ = env.reset(seed=seed, options=options)
-        obs = {**obs, "observation.environment_state": env.task.keypoints()}
+        obs = {**obs, **env.training_targets()}
         success, frames = True, [(obs, obs["observation.state"].copy())]
     else:
         success, frames = expert_episode(suite, env, seed, options)

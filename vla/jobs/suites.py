@@ -68,6 +68,8 @@ def suite_dataset(suite: str, image_size: int, cameras=None) -> tuple[int, dict,
     feats["observation.state"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
     feats["action"] = {"dtype": "float32", "shape": [7], "names": STATE_NAMES}
     feats["observation.environment_state"] = {"dtype": "float32", "shape": [6], "names": KEYPOINT_NAMES}
+    names = [f"{c}.{p}.{a}" for c in cameras or CAMERAS for p in ("target", "goal") for a in "xy"]
+    feats[PIXEL_KEYPOINTS] = {"dtype": "float32", "shape": [len(names)], "names": names}
     return CONTROL_HZ, feats, "vla_arm6"
 
 
