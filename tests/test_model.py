@@ -15,12 +15,14 @@ from safetensors.torch import load_file
 
 from vla.artifact import ArtifactError, load_artifact
 from vla.config import TrainConfig, VLAConfig, load_recipe
+from vla.dataset import PIXEL_KEYPOINTS, DatasetError, DatasetMeta
 from vla.jobs.collect import collect
 from vla.jobs.evaluate import evaluate, wilson_interval
 from vla.jobs.train import Trainer, train
 from vla.model import VLA, SpatialKeypoints
 from vla.policies import ObservationError, Policy, SpecMismatchError
 from vla.tokenizer import build_tokenizer
+from vla.training import pixel_keypoint_columns
 from vla.transforms import augment, fit_frames, fit_points
 
 SIZE = 32
@@ -685,10 +687,15 @@ def test_fit_points_follows_fit_frames(fit):
 
 def test_pixel_keypoints_need_the_datasets_pixel_keypoints(tiny_dataset, tmp_path):
     d = json.loads(json.dumps(TINY))
-    d.update(spatial_keypoints=2, pixel_keypoints=2)  # the tabletop suite records no pixel keypoints
-    with pytest.raises(Exception, match="observation.pixel_keypoints"):
+    d.update(spatial_keypoints=3, pixel_keypoints=3)  # the tabletop suite records 2 points a camera
+    with pytest.raises(DatasetError, match="observation.pixel_keypoints"):
         Trainer(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "run"), progress=False)
-    d.update(spatial_keypoints=1)
+    meta = DatasetMeta(tiny_dataset)
+    assert pixel_keypoint_columns(meta, ("front", "wrist"), 2).shape[0] == 2  # the 2 points per camera exist
+    del meta.features[PIXEL_KEYPOINTS]  # as a dataset recorded without them
+    with pytest.raises(DatasetError, match=f"needs an {PIXEL_KEYPOINTS} feature"):
+        pixel_keypoint_columns(meta, ("front", "wrist"), 2)
+    d.update(spatial_keypoints=2)
     with pytest.raises(ValueError, match="spatial_keypoints"):
         VLA.build(VLAConfig.from_dict(d), build_tokenizer(["press the red button"]))
 

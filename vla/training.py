@@ -106,7 +106,7 @@ def pixel_keypoint_columns(meta: DatasetMeta, cameras, points: int) -> np.ndarra
     feature = meta.features.get(PIXEL_KEYPOINTS)
     if feature is None:
         raise DatasetError(f"{info}: model.pixel_keypoints={points} needs an {PIXEL_KEYPOINTS} feature "
-                           "(where each camera's frame shows each point; vla collect --suite metaworld records one)")
+                           "(where each camera's frame shows each point; vla collect records one in both suites)")
     names = _channel_names(feature)
     if names is None:
         raise DatasetError(f"{info}: {PIXEL_KEYPOINTS} needs names, one '<camera>.<point>.<x|y>' per channel")
