@@ -21,6 +21,23 @@ from vla.training import fitted_pixel_keypoints, pixel_keypoint_columns
 from vla.transforms import model_inputs
 
 
+def readings(model, norm, ds: LeRobotDataset, rows: np.ndarray, instruction: str):
+    """The policy on dataset rows of one instruction, in batches of 64: (the keypoint head's keypoints
+    (N, keypoints) or None, the spatial maps' coordinates (N, cameras, maps, 2) or None)."""
+    cfg = model.cfg
+    kps, coords = [], []
+    for chunk in np.array_split(rows, max(1, len(rows) // 64)):
+        images, state = model_inputs(ds.batch(chunk), cfg.cameras, norm, "cpu")
+        ids, mask = model.backbone.tokenize([instruction] * len(chunk), "cpu")
+        with torch.no_grad():
+            _, memory, spatial, _ = model.encode(images, ids, mask, state, return_memory=True)
+            if model.keypoint_head is not None:
+                kps.append(norm.keypoints(model.keypoints_from_memory(memory, spatial)).numpy())
+            if spatial is not None:
+                coords.append(spatial.view(len(chunk), len(cfg.cameras), -1, 2).numpy())
+    return (np.concatenate(kps) if kps else None), (np.concatenate(coords) if coords else None)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("policy")
@@ -48,26 +65,16 @@ def main() -> None:
         if args.first_frames:
             rows = rows[ds.frame_index[rows] == 0]
         rows = rng.choice(rows, min(args.frames, len(rows)), replace=False)
-        kps, coords = [], []
-        for chunk in np.array_split(rows, max(1, len(rows) // 64)):
-            b = ds.batch(chunk)
-            images, state = model_inputs(b, cfg.cameras, norm, "cpu")
-            ids, mask = model.backbone.tokenize([names[t]] * len(chunk), "cpu")
-            with torch.no_grad():
-                _, memory, spatial, _ = model.encode(images, ids, mask, state, return_memory=True)
-                if heads:
-                    kps.append(norm.keypoints(model.keypoints_from_memory(memory, spatial)).numpy())
-                if pixels:
-                    coords.append(spatial.view(len(chunk), len(cfg.cameras), -1, 2)[:, :, :cfg.pixel_keypoints].numpy())
+        kps, coords = readings(model, norm, ds, rows, names[t])
         line = f"{names[t][:44]:44s}"
         if heads:
             true = ds.env_state[rows].reshape(len(rows), -1, 3)
-            err = np.linalg.norm(np.concatenate(kps).reshape(true.shape) - true, axis=-1).mean(0) * 100
+            err = np.linalg.norm(kps.reshape(true.shape) - true, axis=-1).mean(0) * 100
             base = np.linalg.norm(true - true.mean(0), axis=-1).mean(0) * 100
             line += f" {err[0]:10.1f} {base[0]:7.1f} {err[1]:8.1f} {base[1]:7.1f}"
         if pixels:
             true = fitted_pixel_keypoints(ds.meta, ds.batch(rows)["observation.pixel_keypoints"], columns, cfg)
-            pred = np.concatenate(coords)
+            pred = coords[:, :, :cfg.pixel_keypoints]
             on = (np.abs(true) <= 1).all(-1)
             px = cfg.image_size / 2
             err = np.linalg.norm(pred - true, axis=-1) * px

@@ -1,5 +1,5 @@
 """Does the keypoint head read the trained spatial maps well? Per task, fits the object's and the
-goal's xyz as a quadratic in the map's (x, y) on a training set's first frames (a readout that can
+goal's xyz as a quadratic in the first camera's map (x, y) on a training set's first frames (a readout that can
 only use the pixel), then scores it on held-out first frames beside the keypoint head's own error
 and the task mean's (cm; the share within 5 cm, MetaWorld reach's success radius, in brackets):
 
@@ -13,29 +13,26 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
+from keypoint_error import readings  # scripts/ is on the path when run as a script
 
 from vla.artifact import load_artifact
 from vla.dataset import LeRobotDataset
-from vla.transforms import model_inputs
 
 
 def first_frames(model, norm, path: str) -> dict:
-    """instruction -> (map coordinates (N, P, 2), head keypoints (N, 2, 3), true keypoints (N, 2, 3))."""
+    """instruction -> (the first camera's first P map coordinates (N, P, 2), head keypoints (N, 2, 3),
+    true keypoints (N, 2, 3)) on each episode's first frame."""
     cfg = model.cfg
     ds = LeRobotDataset(path, horizon=1, cameras=list(cfg.cameras), image_size=cfg.image_size,
                         image_fit=cfg.image_fit)
-    names = dict(ds.meta.tasks)
+    names = dict(ds.meta.tasks)  # task_index -> instruction
     out = {}
     for t in sorted(np.unique(ds.task_index)):
+        instruction = names[t]
         rows = np.flatnonzero((ds.task_index == t) & (ds.frame_index == 0))
-        images, state = model_inputs(ds.batch(rows), cfg.cameras, norm, "cpu")
-        ids, mask = model.backbone.tokenize([names[t]] * len(rows), "cpu")
-        with torch.no_grad():
-            _, memory, spatial, _ = model.encode(images, ids, mask, state, return_memory=True)
-            head = norm.keypoints(model.keypoints_from_memory(memory, spatial)).numpy().reshape(len(rows), 2, 3)
-        coords = spatial.view(len(rows), -1, 2)[:, :cfg.pixel_keypoints].numpy()
-        out[names[t]] = (coords, head, ds.env_state[rows].reshape(len(rows), 2, 3))
+        head, coords = readings(model, norm, ds, rows, instruction)
+        out[instruction] = (coords[:, 0, :cfg.pixel_keypoints], head.reshape(len(rows), 2, 3),
+                            ds.env_state[rows].reshape(len(rows), 2, 3))
     return out
 
 
