@@ -186,7 +186,8 @@ class Policy:
         images, state = self.prepare(obs)
         ids, mask = self._text(obs["task"])
         _, memory, spatial, _ = self.model.encode(images, ids, mask, state, return_memory=True)
-        return self.norm.keypoints(self.model.keypoints_from_memory(memory, spatial))[0].float().cpu().numpy()
+        raw = self.model.keypoints_from_memory(memory, spatial, self.model.keypoint_instruction(ids, mask))
+        return self.norm.keypoints(raw)[0].float().cpu().numpy()
 
     def act(self, obs: dict) -> np.ndarray:
         self._check(obs)  # also when the action comes from the queue: bad input is refused every step

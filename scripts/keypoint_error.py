@@ -32,7 +32,8 @@ def readings(model, norm, ds: LeRobotDataset, rows: np.ndarray, instruction: str
         with torch.no_grad():
             _, memory, spatial, _ = model.encode(images, ids, mask, state, return_memory=True)
             if model.keypoint_head is not None:
-                kps.append(norm.keypoints(model.keypoints_from_memory(memory, spatial)).numpy())
+                raw = model.keypoints_from_memory(memory, spatial, model.keypoint_instruction(ids, mask))
+                kps.append(norm.keypoints(raw).numpy())
             if spatial is not None:
                 coords.append(spatial.view(len(chunk), len(cfg.cameras), -1, 2).numpy())
     return (np.concatenate(kps) if kps else None), (np.concatenate(coords) if coords else None)

@@ -59,12 +59,14 @@ def test_pixel_shuffle_groups_are_2x2_blocks():
                                                 ("diffusion", SIZE, True), ("diffusion-sample", SIZE, True),
                                                 ("l1", SIZE, True), ("l1", SIZE, "spatial"),
                                                 ("diffusion", 48, "both"), ("l1", SIZE, "both"),
-                                                ("l1", SIZE, "pixel")])
+                                                ("l1", SIZE, "pixel"), ("l1", SIZE, "maps")])
 def test_full_step_equals_the_plain_path(head, image_size, kp):
-    """"pixel": the spatial maps FiLM-conditioned on the instruction (model.pixel_keypoints)."""
-    model = tiny_model(head, image_size, keypoint_cond=kp in (True, "both"),
-                       spatial_keypoints=4 if kp in ("spatial", "both", "pixel") else 0,
-                       pixel_keypoints=2 if kp == "pixel" else 0)
+    """"pixel": the spatial maps FiLM-conditioned on the instruction (model.pixel_keypoints); "maps":
+    those maps' coordinates and the instruction the keypoint head's only input (keypoint_input maps)."""
+    model = tiny_model(head, image_size, keypoint_cond=kp in (True, "both", "maps"),
+                       spatial_keypoints=4 if kp in ("spatial", "both", "pixel", "maps") else 0,
+                       pixel_keypoints=2 if kp in ("pixel", "maps") else 0,
+                       keypoint_input="maps" if kp == "maps" else "prefix")
     g = torch.Generator().manual_seed(1)
     inputs = [(torch.rand(2, 3, image_size, image_size, generator=g), text, torch.randn(7, generator=g),
                torch.randn(1, 4, 7, generator=g)) for text in TEXTS + TEXTS[:1]]

@@ -456,15 +456,19 @@ def test_batches_oversample_a_pool_deterministically():
 
 
 def _keypoint_error(trainer, batch) -> float:
+    model = trainer.model
     with torch.no_grad():
-        _, memory, spatial, _ = trainer.model.encode(batch["images"], batch["input_ids"], batch["text_mask"],
-                                                     batch["state"], return_memory=True)
-        return float((trainer.model.keypoints_from_memory(memory, spatial) - batch["keypoints"]).abs().mean())
+        _, memory, spatial, _ = model.encode(batch["images"], batch["input_ids"], batch["text_mask"],
+                                             batch["state"], return_memory=True)
+        instruction = model.keypoint_instruction(batch["input_ids"], batch["text_mask"])
+        return float((model.keypoints_from_memory(memory, spatial, instruction) - batch["keypoints"]).abs().mean())
 
 
-def test_keypoint_head_learns_the_recorded_targets_and_state_dropout_hides_the_state(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("source", ["prefix", "maps"])
+def test_keypoint_head_learns_the_recorded_targets_and_state_dropout_hides_the_state(tiny_dataset, tmp_path,
+                                                                                     source):
     d = json.loads(json.dumps(TINY))
-    d["keypoints"] = 6
+    d.update(keypoints=6, keypoint_input=source, spatial_keypoints=4 if source == "maps" else 0)
     cfg = VLAConfig.from_dict(d)
     trainer = Trainer(cfg, train_cfg(tiny_dataset, tmp_path / "run", steps=120, lr=2e-3, warmup_steps=5,
                                      state_dropout=0.5), progress=False)
@@ -703,25 +707,48 @@ def test_pixel_keypoints_need_the_datasets_pixel_keypoints(tiny_dataset, tmp_pat
 @pytest.mark.parametrize("spatial", [0, 4])
 def test_vision_keypoint_input_is_blind_to_the_state(spatial):
     """keypoint_input "vision": the keypoint head cannot fit the target from the hand's position
-    (the state token), so it must find it in the frames; "prefix" reads a token that sees the state."""
-    tok = build_tokenizer(["push the puck to the goal"])
-    readings = {}
-    for source in ("prefix", "vision"):
+    (the state token), so it must find it in the frames; "prefix" reads a token that sees the state.
+    "maps" reads the spatial maps' coordinates as they are: the same coordinates give the same
+    keypoints whatever the language model's tokens hold (a token's spread rescaled the coordinates
+    under the LayerNorm the other inputs share), and another instruction gives others."""
+    texts = ["push the puck to the goal", "reach the goal"]
+    tok = build_tokenizer(texts)
+    readings, token_spread = {}, {}
+    for source in ("prefix", "vision") + (("maps",) if spatial else ()):
         d = json.loads(json.dumps(TINY))
         d.update(keypoints=6, keypoint_input=source, spatial_keypoints=spatial)
         torch.manual_seed(0)
         model = VLA.build(VLAConfig.from_dict(d), tok).eval()
-        ids, mask = model.backbone.tokenize(["push the puck to the goal"] * 2)
+        ids, mask = model.backbone.tokenize(texts[:1] * 2)
         images = torch.rand(1, 2, 3, SIZE, SIZE).expand(2, -1, -1, -1, -1)
         state = torch.stack([torch.zeros(7), torch.full((7,), 3.0)])  # two hands, one scene
         with torch.no_grad():
             _, memory, sp, _ = model.encode(images, ids, mask, state, return_memory=True)
-            readings[source] = model.keypoints_from_memory(memory, sp)
+            instruction = model.keypoint_instruction(ids, mask)
+            readings[source] = model.keypoints_from_memory(memory, sp, instruction)
+            if spatial:  # how far the keypoints move when the coordinates do, as the tokens' spread grows
+                read = model.keypoints_from_memory
+                moved = [read(m, sp + 0.1, instruction) - read(m, sp, instruction) for m in (memory, memory * 4)]
+                token_spread[source] = [float(m.abs().mean()) for m in moved]
+            if source == "maps":
+                other_ids, other_mask = model.backbone.tokenize(texts[1:] * 2)
+                other = model.keypoints_from_memory(memory, sp, model.keypoint_instruction(other_ids, other_mask))
+                assert not torch.allclose(other, readings["maps"], atol=1e-4)
+                with pytest.raises(ValueError, match="keypoint_instruction"):
+                    model.keypoints_from_memory(memory, sp)
     assert not torch.allclose(readings["prefix"][0], readings["prefix"][1], atol=1e-4)
-    assert torch.allclose(readings["vision"][0], readings["vision"][1], atol=1e-5)
+    for source in readings.keys() - {"prefix"}:
+        assert torch.allclose(readings[source][0], readings[source][1], atol=1e-5)
+    if spatial:  # the LayerNorm shared with a token divides the coordinates by its spread; "maps" has none
+        plain_spread, wide_spread = token_spread["vision"]
+        assert wide_spread < 0.5 * plain_spread, token_spread
+        assert token_spread["maps"][0] > 0 and token_spread["maps"][0] == pytest.approx(token_spread["maps"][1])
     d = json.loads(json.dumps(TINY))
     d.update(keypoints=6, keypoint_input="pixels")
     with pytest.raises(ValueError, match="keypoint_input must be one of"):
+        VLA.build(VLAConfig.from_dict(d), tok)
+    d.update(keypoint_input="maps", spatial_keypoints=0)
+    with pytest.raises(ValueError, match="keypoint_input=maps reads the spatial maps"):
         VLA.build(VLAConfig.from_dict(d), tok)
 
 

@@ -74,7 +74,8 @@ class VLAConfig:
     keypoint_input: str = "prefix"  # what the keypoint head reads: "prefix", the last prefix token (it
     #                                 sees the state too), or "vision", the last visual token and the
     #                                 spatial coordinates, blind to the state: the hand's position then
-    #                                 cannot stand in for finding the target in the pixels
+    #                                 cannot stand in for finding the target in the pixels; or
+    #                                 "maps", only the spatial maps' coordinates and the instruction
     spatial_keypoints: int = 0  # >0: that many spatial-softmax (x, y) readouts of each camera's frame
     #                             (a small conv net, model.SpatialKeypoints) condition the head (adaLN)
     pixel_keypoints: int = 0  # >0: the first that many spatial maps of each camera are trained on where

@@ -178,6 +178,9 @@ class FastVLA:
         self.spatial_film = None  # the spatial maps' FiLM of the instruction (model.pixel_keypoints)
         if model.spatial is not None and model.spatial.film is not None:
             self.spatial_film = torch.zeros(1, model.spatial.film.out_features, device=self.device)
+        self.kp_instruction = None  # keypoint_input "maps": the instruction's embedding it reads
+        if model.keypoint_norm is not None:
+            self.kp_instruction = torch.zeros(1, bb.hidden, device=self.device)
         self.state_pos = torch.tensor([self.prefix - 1], device=self.device)
         self.kp_mods = None  # per head block, ada(cond) of this step's VLA.head_condition
         if model.cfg.keypoint_cond or model.spatial is not None:
@@ -255,6 +258,8 @@ class FastVLA:
             self.film.copy_(bb.film_params(bb.instruction_embedding(ids, mask)))
         if self.spatial_film is not None:
             self.spatial_film.copy_(self.model.spatial_film(ids, mask))
+        if self.kp_instruction is not None:
+            self.kp_instruction.copy_(self.model.keypoint_instruction(ids, mask))
         pos = torch.arange(self.text_len, device=self.device)[None]
         h = bb.vlm.get_input_embeddings()(ids)
         self._run_lm(h, pos, self.key_valid)
@@ -369,7 +374,7 @@ class FastVLA:
         if self.kp_mods is not None:  # ada is linear: ada(time + cond) = ada(time) + W cond
             m = self.model
             spatial = m.spatial_coordinates(x, 1, self.spatial_film)
-            cond = m.head_condition(self._last_lm_out, spatial)  # its last row: the state token
+            cond = m.head_condition(self._last_lm_out, spatial, self.kp_instruction)  # last row: the state token
             for i, blk in enumerate(m.head.blocks):
                 self.kp_mods[i].copy_(blk.modulation(cond, bias=False))
         return self._last_key_valid[:, None, None, :]

@@ -298,7 +298,7 @@ class Sampler:
         return cls(tuple(times), torch.tensor(coefs, dtype=torch.float32), h.type == "l1")
 
 
-KEYPOINT_INPUTS = ("prefix", "vision")
+KEYPOINT_INPUTS = ("prefix", "vision", "maps")
 
 
 class SpatialKeypoints(nn.Module):
@@ -397,9 +397,19 @@ class VLA(nn.Module):
                                       cfg.keypoints if cfg.keypoint_cond else 0)
         self.keypoint_head = None
         n_spatial = len(cfg.cameras) * 2 * cfg.spatial_keypoints  # (x, y) per map per camera
-        if cfg.keypoints > 0:  # read from one token of the causal LM's output (keypoints_from_memory)
+        if cfg.keypoint_input == "maps" and not (cfg.keypoints > 0 and n_spatial):
+            raise ValueError("model.keypoint_input=maps reads the spatial maps: it needs model.keypoints > 0 "
+                             "and model.spatial_keypoints > 0")
+        self.keypoint_norm = None
+        if cfg.keypoints > 0 and cfg.keypoint_input == "maps":  # the coordinates as they are (keypoints_from_memory)
+            d = backbone.hidden
+            self.keypoint_norm = nn.LayerNorm(d)  # the instruction's only: the coordinates keep their scale
+            self.keypoint_head = nn.Sequential(nn.Linear(n_spatial + d, d), nn.GELU(), nn.Linear(d, d), nn.GELU(),
+                                               nn.Linear(d, cfg.keypoints))
+        elif cfg.keypoints > 0:  # read from one token of the causal LM's output (keypoints_from_memory)
             d, n_in = backbone.hidden, backbone.hidden + n_spatial
-            self.keypoint_head = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d), nn.GELU(), nn.Linear(d, cfg.keypoints))
+            self.keypoint_head = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d), nn.GELU(),
+                                               nn.Linear(d, cfg.keypoints))
         self.spatial = self.spatial_cond = None
         if cfg.pixel_keypoints > cfg.spatial_keypoints:
             raise ValueError(f"model.pixel_keypoints={cfg.pixel_keypoints} trains that many of each camera's "
@@ -447,8 +457,16 @@ class VLA(nn.Module):
         memory, mask = self.backbone(input_ids, text_mask, images, state_token)
         spatial_lp = self.spatial_log_probs(images, input_ids, text_mask)
         spatial = None if spatial_lp is None else self.spatial.coordinates(spatial_lp).view(len(images), -1)
-        cache = self.head.prefix_cache(memory.float(), mask, self.head_condition(memory, spatial))
+        instruction = self.keypoint_instruction(input_ids, text_mask)
+        cache = self.head.prefix_cache(memory.float(), mask, self.head_condition(memory, spatial, instruction))
         return (cache, memory, spatial, spatial_lp) if return_memory else cache
+
+    def keypoint_instruction(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
+        """What keypoint_input "maps" reads beside the coordinates (B, hidden): the instruction's
+        embedding, detached (the keypoint loss leaves the language model's embeddings alone); else None."""
+        if self.keypoint_norm is None:
+            return None
+        return self.backbone.instruction_embedding(input_ids, text_mask).detach()
 
     def spatial_film(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
         """The spatial maps' FiLM parameters of each instruction (B, 2 * channels), or None."""
@@ -477,14 +495,15 @@ class VLA(nn.Module):
             film = film.expand(len(frames), -1)
         return self.spatial(frames, film).view(batch, -1)
 
-    def head_condition(self, memory: torch.Tensor, spatial: torch.Tensor | None) -> torch.Tensor | None:
+    def head_condition(self, memory: torch.Tensor, spatial: torch.Tensor | None,
+                       instruction: torch.Tensor | None = None) -> torch.Tensor | None:
         """What the prefix adds to the head's time embedding (adaLN), (B, head hidden), or None:
         with keypoint_cond the predicted keypoints, detached so the action loss leaves the keypoint
         head to its own supervision (what it reads at inference is what it trained on); with
         spatial_keypoints the frames' spatial-softmax coordinates."""
         cond = None
         if self.cfg.keypoint_cond:
-            cond = self.head.keypoint_cond(self.keypoints_from_memory(memory, spatial).detach())
+            cond = self.head.keypoint_cond(self.keypoints_from_memory(memory, spatial, instruction).detach())
         if spatial is not None:
             cond = self.spatial_cond(spatial) if cond is None else cond + self.spatial_cond(spatial)
         return cond
@@ -509,19 +528,27 @@ class VLA(nn.Module):
             cache = cache.first(n)
         loss = self._action_loss(cache, actions, action_is_pad)
         if keypoints is not None and self.keypoint_head is not None:
-            pred = self.keypoints_from_memory(memory, spatial)
+            pred = self.keypoints_from_memory(memory, spatial, self.keypoint_instruction(input_ids, text_mask))
             loss = loss + keypoint_weight * F.smooth_l1_loss(pred, keypoints.float(), beta=0.1)
         if pixel_keypoints is not None and spatial_lp is not None:  # the demonstration rows come first
             points = pixel_keypoints.flatten(0, 1)
             loss = loss + pixel_keypoint_weight * self.spatial.heatmap_loss(spatial_lp[:len(points)], points)
         return loss
 
-    def keypoints_from_memory(self, memory: torch.Tensor, spatial: torch.Tensor | None = None) -> torch.Tensor:
+    def keypoints_from_memory(self, memory: torch.Tensor, spatial: torch.Tensor | None = None,
+                              instruction: torch.Tensor | None = None) -> torch.Tensor:
         """Normalized keypoints (B, keypoints) from the backbone's output and the spatial
         coordinates (`encode(..., return_memory=True)`); with spatial_keypoints the keypoint loss
         trains the coordinates' conv net too (where the puck and the goal are). The prefix is
         [text, visual tokens, state]: the last token sees everything, the one before it (the last
-        visual token) everything but the state (keypoint_input "vision")."""
+        visual token) everything but the state (keypoint_input "vision"). keypoint_input "maps"
+        reads no token: the coordinates unnormalized beside the instruction (`keypoint_instruction`),
+        where a LayerNorm shared with a 128-d token rescaled them by that token's spread and the
+        head placed the puck 4 cm off what its own map gave to 1 cm (docs/benchmarks-log.md)."""
+        if self.keypoint_norm is not None:
+            if instruction is None or spatial is None:
+                raise ValueError("keypoint_input maps needs the spatial coordinates and keypoint_instruction(...)")
+            return self.keypoint_head(torch.cat([spatial.float(), self.keypoint_norm(instruction.float())], -1))
         token = memory[:, -1 if self.cfg.keypoint_input == "prefix" else -2].float()
         return self.keypoint_head(token if spatial is None else torch.cat([token, spatial.float()], -1))
 
