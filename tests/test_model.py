@@ -773,6 +773,17 @@ def test_augment_shift_zero_jitters_colour_and_moves_no_pixel():
     assert (shifted > 0.05).sum() >= 6  # a shift of 0 is drawn 1 time in 81
 
 
+def test_the_mt10_recipe_builds_with_and_without_the_sim_targets():
+    """configs/metaworld_mt10.yaml's own note: on a dataset without environment_state and pixel
+    keypoints, model.keypoints=0 model.keypoint_cond=false model.pixel_keypoints=0."""
+    tok = build_tokenizer(["reach the goal position"])
+    for overrides in ([], ["model.keypoints=0", "model.keypoint_cond=false", "model.pixel_keypoints=0"]):
+        cfg = dataclasses.replace(load_recipe("configs/metaworld_mt10.yaml", overrides)[0], cameras=("corner2",),
+                                  state_dim=4, action_dim=4)
+        model = VLA.build(cfg, tok)
+        assert (model.keypoint_head is None) == bool(overrides) and model.spatial is not None
+
+
 def test_augment_shift_is_a_train_option_and_rejects_negative_pixels():
     assert load_recipe("configs/metaworld_mt10.yaml", ["train.augment_shift=0"])[1].augment_shift == 0
     with pytest.raises(ValueError, match="augment_shift"):

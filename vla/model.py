@@ -397,9 +397,8 @@ class VLA(nn.Module):
                                       cfg.keypoints if cfg.keypoint_cond else 0)
         self.keypoint_head = None
         n_spatial = len(cfg.cameras) * 2 * cfg.spatial_keypoints  # (x, y) per map per camera
-        if cfg.keypoint_input == "maps" and not (cfg.keypoints > 0 and n_spatial):
-            raise ValueError("model.keypoint_input=maps reads the spatial maps: it needs model.keypoints > 0 "
-                             "and model.spatial_keypoints > 0")
+        if cfg.keypoints > 0 and cfg.keypoint_input == "maps" and not n_spatial:
+            raise ValueError("model.keypoint_input=maps reads the spatial maps: it needs model.spatial_keypoints > 0")
         self.keypoint_norm = None
         if cfg.keypoints > 0 and cfg.keypoint_input == "maps":  # the coordinates as they are (keypoints_from_memory)
             d = backbone.hidden
