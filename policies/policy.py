@@ -185,8 +185,8 @@ class Policy:
         self._check(obs)
         images, state = self.prepare(obs)
         ids, mask = self._text(obs["task"])
-        _, memory, spatial, _ = self.model.encode(images, ids, mask, state, return_memory=True)
-        raw = self.model.keypoints_from_memory(memory, spatial, self.model.keypoint_instruction(ids, mask))
+        _, memory, spatial, _, instruction = self.model.encode(images, ids, mask, state, return_memory=True)
+        raw = self.model.keypoints_from_memory(memory, spatial, instruction)
         return self.norm.keypoints(raw)[0].float().cpu().numpy()
 
     def act(self, obs: dict) -> np.ndarray:

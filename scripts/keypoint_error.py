@@ -30,9 +30,9 @@ def readings(model, norm, ds: LeRobotDataset, rows: np.ndarray, instruction: str
         images, state = model_inputs(ds.batch(chunk), cfg.cameras, norm, "cpu")
         ids, mask = model.backbone.tokenize([instruction] * len(chunk), "cpu")
         with torch.no_grad():
-            _, memory, spatial, _ = model.encode(images, ids, mask, state, return_memory=True)
+            _, memory, spatial, _, instruction = model.encode(images, ids, mask, state, return_memory=True)
             if model.keypoint_head is not None:
-                raw = model.keypoints_from_memory(memory, spatial, model.keypoint_instruction(ids, mask))
+                raw = model.keypoints_from_memory(memory, spatial, instruction)
                 kps.append(norm.keypoints(raw).numpy())
             if spatial is not None:
                 coords.append(spatial.view(len(chunk), len(cfg.cameras), -1, 2).numpy())

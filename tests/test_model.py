@@ -77,6 +77,33 @@ def test_shapes_and_masks(head):
     assert loss.ndim == 0 and loss.item() > 0
 
 
+def test_instruction_embedding_depends_on_word_order():
+    """Stacking names two cubes: a bag of words gave "red on blue" and "blue on red" one embedding, so
+    the spatial maps' FiLM and the keypoint head (keypoint_input maps) could not tell which to lift."""
+    torch.manual_seed(0)
+    texts = ["stack the red cube on the blue cube", "stack the blue cube on the red cube"]
+    d = json.loads(json.dumps(TINY))
+    d["backbone"]["film"] = True
+    d.update(keypoints=6, keypoint_input="maps", spatial_keypoints=2, pixel_keypoints=2)
+    model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(texts)).eval()
+    ids, mask = model.backbone.tokenize(texts)
+    assert torch.equal(ids[0].sort().values, ids[1].sort().values)  # the same tokens, in another order
+    instruction = model.backbone.instruction_embedding(ids, mask)
+    assert (instruction[0] - instruction[1]).abs().max() > 1e-3
+    # the text rows of the prefix's own pass (text first, causal): the same reading of the instruction
+    images, state = torch.rand(2, 2, 3, SIZE, SIZE), torch.zeros(2, 7)
+    with torch.no_grad():
+        _, memory, sp, _, kp_instruction = model.encode(images, ids, mask, state, return_memory=True)
+    text_rows = (memory[:, :ids.shape[1]] * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    assert torch.allclose(text_rows, instruction, atol=1e-5)
+    torch.nn.init.normal_(model.spatial.film.weight, std=0.1)
+    same = images[:1].expand(2, -1, -1, -1, -1)
+    maps = model.spatial_log_probs(same, instruction)  # one scene, the two instructions: different maps
+    assert (maps[0] - maps[2]).abs().max() > 1e-3
+    kp = model.keypoints_from_memory(memory[:1].expand(2, -1, -1), sp[:1].expand(2, -1), kp_instruction)
+    assert (kp[0] - kp[1]).abs().max() > 1e-4
+
+
 def test_vision_path_equals_transformers_and_film_conditions_on_the_instruction():
     torch.manual_seed(0)
     d = json.loads(json.dumps(TINY))
@@ -458,9 +485,8 @@ def test_batches_oversample_a_pool_deterministically():
 def _keypoint_error(trainer, batch) -> float:
     model = trainer.model
     with torch.no_grad():
-        _, memory, spatial, _ = model.encode(batch["images"], batch["input_ids"], batch["text_mask"],
-                                             batch["state"], return_memory=True)
-        instruction = model.keypoint_instruction(batch["input_ids"], batch["text_mask"])
+        _, memory, spatial, _, instruction = model.encode(batch["images"], batch["input_ids"], batch["text_mask"],
+                                                          batch["state"], return_memory=True)
         return float((model.keypoints_from_memory(memory, spatial, instruction) - batch["keypoints"]).abs().mean())
 
 
@@ -503,7 +529,7 @@ def test_artifact_carries_the_keypoint_normalization_and_policy_reads_keypoints_
     with torch.no_grad():  # the head's normalized output, un-normalized with the dataset's own stats
         images, state = policy.prepare(obs)
         ids, mask = policy.model.backbone.tokenize([obs["task"]])
-        _, memory, spatial, _ = policy.model.encode(images, ids, mask, state, return_memory=True)
+        _, memory, spatial, _, _ = policy.model.encode(images, ids, mask, state, return_memory=True)
         raw = policy.model.keypoints_from_memory(memory, spatial)[0].numpy()
     expected = raw * np.maximum(np.array(truth["std"]), 1e-3) + np.array(truth["mean"])
     assert kp.shape == (6,) and np.allclose(kp, expected, atol=1e-5)
@@ -723,8 +749,7 @@ def test_vision_keypoint_input_is_blind_to_the_state(spatial):
         images = torch.rand(1, 2, 3, SIZE, SIZE).expand(2, -1, -1, -1, -1)
         state = torch.stack([torch.zeros(7), torch.full((7,), 3.0)])  # two hands, one scene
         with torch.no_grad():
-            _, memory, sp, _ = model.encode(images, ids, mask, state, return_memory=True)
-            instruction = model.keypoint_instruction(ids, mask)
+            _, memory, sp, _, instruction = model.encode(images, ids, mask, state, return_memory=True)
             readings[source] = model.keypoints_from_memory(memory, sp, instruction)
             if spatial:  # how far the keypoints move when the coordinates do, as the tokens' spread grows
                 read = model.keypoints_from_memory
@@ -732,7 +757,8 @@ def test_vision_keypoint_input_is_blind_to_the_state(spatial):
                 token_spread[source] = [float(m.abs().mean()) for m in moved]
             if source == "maps":
                 other_ids, other_mask = model.backbone.tokenize(texts[1:] * 2)
-                other = model.keypoints_from_memory(memory, sp, model.keypoint_instruction(other_ids, other_mask))
+                other = model.keypoints_from_memory(memory, sp, model.keypoint_instruction(
+                    model.instruction_embedding(other_ids, other_mask)))
                 assert not torch.allclose(other, readings["maps"], atol=1e-4)
                 with pytest.raises(ValueError, match="keypoint_instruction"):
                     model.keypoints_from_memory(memory, sp)

@@ -254,12 +254,13 @@ class FastVLA:
             raise ValueError(f"the instruction {text[:80]!r} has no tokens")
         self.key_valid.fill_(True)
         self.key_valid[:, : self.text_len] = mask
+        instruction = self.model.instruction_embedding(ids, mask)
         if bb.film is not None:
-            self.film.copy_(bb.film_params(bb.instruction_embedding(ids, mask)))
+            self.film.copy_(bb.film_params(instruction))
         if self.spatial_film is not None:
-            self.spatial_film.copy_(self.model.spatial_film(ids, mask))
+            self.spatial_film.copy_(self.model.spatial_film(instruction))
         if self.kp_instruction is not None:
-            self.kp_instruction.copy_(self.model.keypoint_instruction(ids, mask))
+            self.kp_instruction.copy_(self.model.keypoint_instruction(instruction))
         pos = torch.arange(self.text_len, device=self.device)[None]
         h = bb.vlm.get_input_embeddings()(ids)
         self._run_lm(h, pos, self.key_valid)

@@ -87,10 +87,15 @@ class Backbone(nn.Module):
         return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
 
     def instruction_embedding(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """Masked mean of the instruction's token embeddings: (B, hidden)."""
-        emb = self.vlm.get_input_embeddings()(input_ids)
-        m = text_mask[..., None].to(emb.dtype)
-        return (emb * m).sum(1) / m.sum(1).clamp(min=1)
+        """The language model's reading of the instruction alone, (B, hidden): the masked mean of its
+        last hidden states over the instruction's tokens (the prefix puts the text first, so these are
+        its text rows). Causal attention makes it depend on word order, which a mean of the token
+        embeddings did not: "stack the red cube on the blue cube" and "stack the blue cube on the red
+        cube" had one embedding, so the maps and the keypoint head could not tell which cube to lift."""
+        h = self.vlm.text_model(input_ids=input_ids, attention_mask=text_mask.long(),
+                                use_cache=False).last_hidden_state
+        m = text_mask[..., None].to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) frames in [0, 1] -> normalized, at the vision encoder's input size."""
@@ -132,9 +137,12 @@ class Backbone(nn.Module):
             h = layer(h, None)
         return vm.post_layernorm(h)
 
-    def forward(self, input_ids, text_mask, images, state_token) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, input_ids, text_mask, images, state_token,
+                instruction: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`instruction`: `instruction_embedding` where the caller has it (computed here if FiLM needs it)."""
         text = self.vlm.get_input_embeddings()(input_ids)
-        instruction = self.instruction_embedding(input_ids, text_mask) if self.film is not None else None
+        if instruction is None and self.film is not None:
+            instruction = self.instruction_embedding(input_ids, text_mask)
         img = self.image_tokens(images, instruction).to(text.dtype)
         embeds = torch.cat([text, img, state_token[:, None].to(text.dtype)], dim=1)
         mask = torch.cat([text_mask, torch.ones(embeds.shape[0], embeds.shape[1] - text_mask.shape[1],
@@ -453,33 +461,43 @@ class VLA(nn.Module):
         state_token = self.state_proj(state)
         if state_keep is not None:
             state_token = state_token * state_keep[:, None].to(state_token.dtype)
-        memory, mask = self.backbone(input_ids, text_mask, images, state_token)
-        spatial_lp = self.spatial_log_probs(images, input_ids, text_mask)
+        instruction = self.instruction_embedding(input_ids, text_mask)
+        memory, mask = self.backbone(input_ids, text_mask, images, state_token, instruction)
+        spatial_lp = self.spatial_log_probs(images, instruction)
         spatial = None if spatial_lp is None else self.spatial.coordinates(spatial_lp).view(len(images), -1)
-        instruction = self.keypoint_instruction(input_ids, text_mask)
-        cache = self.head.prefix_cache(memory.float(), mask, self.head_condition(memory, spatial, instruction))
-        return (cache, memory, spatial, spatial_lp) if return_memory else cache
+        kp_instruction = self.keypoint_instruction(instruction)
+        cache = self.head.prefix_cache(memory.float(), mask, self.head_condition(memory, spatial, kp_instruction))
+        return (cache, memory, spatial, spatial_lp, kp_instruction) if return_memory else cache
 
-    def keypoint_instruction(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
-        """What keypoint_input "maps" reads beside the coordinates (B, hidden): the instruction's
-        embedding, detached (the keypoint loss leaves the language model's embeddings alone); else None."""
+    def instruction_embedding(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
+        """`Backbone.instruction_embedding` (B, hidden), once per prefix for all that read it (the vision
+        encoder's FiLM, the spatial maps' FiLM, keypoint_input "maps"); None where nothing does."""
+        if self.backbone.film is None and self.spatial_film_net() is None and self.keypoint_norm is None:
+            return None
+        return self.backbone.instruction_embedding(input_ids, text_mask)
+
+    def spatial_film_net(self) -> nn.Linear | None:
+        return None if self.spatial is None else self.spatial.film
+
+    def keypoint_instruction(self, instruction: torch.Tensor | None) -> torch.Tensor | None:
+        """What keypoint_input "maps" reads beside the coordinates (B, hidden): `instruction_embedding`,
+        detached (the keypoint loss leaves the language model alone); else None."""
         if self.keypoint_norm is None:
             return None
-        return self.backbone.instruction_embedding(input_ids, text_mask).detach()
+        return instruction.detach()
 
-    def spatial_film(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor | None:
-        """The spatial maps' FiLM parameters of each instruction (B, 2 * channels), or None."""
-        if self.spatial is None or self.spatial.film is None:
+    def spatial_film(self, instruction: torch.Tensor | None) -> torch.Tensor | None:
+        """The spatial maps' FiLM parameters of each `instruction_embedding` (B, 2 * channels), or None."""
+        if self.spatial_film_net() is None:
             return None
-        return self.spatial.film_params(self.backbone.instruction_embedding(input_ids, text_mask))
+        return self.spatial.film_params(instruction)
 
-    def spatial_log_probs(self, images: torch.Tensor, input_ids: torch.Tensor,
-                          text_mask: torch.Tensor) -> torch.Tensor | None:
-        """images (B, n_cam, 3, S, S) in [0, 1] -> the spatial maps (B * n_cam, maps, h, w), or None
-        without spatial_keypoints."""
+    def spatial_log_probs(self, images: torch.Tensor, instruction: torch.Tensor | None) -> torch.Tensor | None:
+        """images (B, n_cam, 3, S, S) in [0, 1], `instruction_embedding` -> the spatial maps
+        (B * n_cam, maps, h, w), or None without spatial_keypoints."""
         if self.spatial is None:
             return None
-        film = self.spatial_film(input_ids, text_mask)
+        film = self.spatial_film(instruction)
         if film is not None:
             film = film.repeat_interleave(images.shape[1], 0)
         return self.spatial.log_probs(self.backbone.preprocess(images.flatten(0, 1)), film)
@@ -520,14 +538,14 @@ class VLA(nn.Module):
         `pixel_keypoint_weight` x the spatial maps' heatmap loss where `pixel_keypoints` ((B, n_cam,
         P, 2): where each camera's frame, as augmented, shows each point) are given. Rows past
         len(actions) are keypoint-only samples: they share the backbone pass, not the action loss."""
-        cache, memory, spatial, spatial_lp = self.encode(images, input_ids, text_mask, state, state_keep,
-                                                         return_memory=True)
+        cache, memory, spatial, spatial_lp, instruction = self.encode(images, input_ids, text_mask, state,
+                                                                      state_keep, return_memory=True)
         n = len(actions)
         if len(images) > n:
             cache = cache.first(n)
         loss = self._action_loss(cache, actions, action_is_pad)
         if keypoints is not None and self.keypoint_head is not None:
-            pred = self.keypoints_from_memory(memory, spatial, self.keypoint_instruction(input_ids, text_mask))
+            pred = self.keypoints_from_memory(memory, spatial, instruction)
             loss = loss + keypoint_weight * F.smooth_l1_loss(pred, keypoints.float(), beta=0.1)
         if pixel_keypoints is not None and spatial_lp is not None:  # the demonstration rows come first
             points = pixel_keypoints.flatten(0, 1)
