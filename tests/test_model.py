@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from vla.jobs.collect import collect
 from vla.jobs.evaluate import evaluate, wilson_interval
 from vla.jobs.train import Trainer, train
 from vla.model import VLA, SpatialKeypoints
-from vla.policies import ObservationError, Policy, SpecMismatchError
+from vla.policies import ObservationError, Policy, SpecMismatchError, shipped_policy
 from vla.tokenizer import build_tokenizer
 from vla.training import pixel_keypoint_columns
 from vla.transforms import augment, fit_frames, fit_points
@@ -102,6 +103,24 @@ def test_instruction_embedding_depends_on_word_order():
     assert (maps[0] - maps[2]).abs().max() > 1e-3
     kp = model.keypoints_from_memory(memory[:1].expand(2, -1, -1), sp[:1].expand(2, -1), kp_instruction)
     assert (kp[0] - kp[1]).abs().max() > 1e-4
+    # "tokens" (what format_version 1 artifacts, the shipped ones among them, were trained with): a bag of words
+    d["backbone"]["instruction_pooling"] = "tokens"
+    bag = VLA.build(VLAConfig.from_dict(d), build_tokenizer(texts)).backbone.instruction_embedding(ids, mask)
+    assert torch.allclose(bag[0], bag[1], atol=1e-6)
+    with pytest.raises(ValueError, match="instruction_pooling"):
+        VLAConfig.from_dict({**d, "backbone": {"instruction_pooling": "mean"}})
+
+
+def test_an_artifact_of_format_1_loads_with_the_token_mean_it_was_trained_with(tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(shipped_policy(), old)
+    raw = json.loads((old / "config.json").read_text())
+    assert raw["backbone"].pop("instruction_pooling") == "tokens"  # the shipped ones say so
+    (old / "config.json").write_text(json.dumps({**raw, "format_version": 1}))
+    assert load_artifact(old)[0].cfg.backbone.instruction_pooling == "tokens"
+    (old / "config.json").write_text(json.dumps({**raw, "format_version": 7}))
+    with pytest.raises(ArtifactError, match="format_version 7"):
+        load_artifact(old)
 
 
 def test_vision_path_equals_transformers_and_film_conditions_on_the_instruction():

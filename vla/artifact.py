@@ -27,7 +27,7 @@ from vla.model import VLA, Backbone, add_lora
 from vla.spec import PolicySpec, SpecError
 from vla.transforms import Normalizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: backbone.instruction_pooling (1 loads with "tokens")
 
 
 def save_artifact(path: str | Path, model, spec: PolicySpec, stats: dict, recipe: dict | None = None,
@@ -75,8 +75,10 @@ def load_artifact(path: str | Path, device: str | torch.device = "cpu"):
             raise ArtifactError(f"{path} is not a policy artifact: {name} is missing")
     raw = json.loads((path / "config.json").read_text())
     version = raw.pop("format_version", None)
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{path / 'config.json'}: format_version {version} is not {FORMAT_VERSION}")
+    if version == 1:  # trained before backbone.instruction_pooling: the token-embedding mean
+        raw["backbone"] = {**raw.get("backbone", {}), "instruction_pooling": "tokens"}
+    elif version != FORMAT_VERSION:
+        raise ArtifactError(f"{path / 'config.json'}: format_version {version} is not {FORMAT_VERSION} (or 1)")
     cfg = VLAConfig.from_dict(raw)
     vlm_config = Idefics3Config.from_json_file(path / "backbone_config.json")
     vlm_config._attn_implementation = "sdpa"

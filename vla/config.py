@@ -12,6 +12,9 @@ import yaml
 from vla.spec import check_image_fit
 
 
+INSTRUCTION_POOLING = ("lm", "tokens")
+
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """The vision-language backbone. With `pretrained` unset a nano Idefics3 (SmolVLM's classes) is
@@ -33,6 +36,10 @@ class BackboneConfig:
     text_mlp: int = 384
     max_text_tokens: int = 12
     film: bool = False  # condition every vision layer on the instruction (FiLM, as RT-1 does)
+    # what the FiLMs and keypoint_input "maps" read of the instruction: "lm", the language model's
+    # hidden states over it (word order counts), or "tokens", the mean of its token embeddings (a bag
+    # of words: "red on blue" = "blue on red"; the artifacts of format_version 1 were trained with it)
+    instruction_pooling: str = "lm"
     freeze: bool = False  # freeze the pretrained backbone (the head and state projection still train)
     lora_rank: int = 0  # >0: LoRA adapters (peft) on the language model's attention projections
 
@@ -96,6 +103,9 @@ class VLAConfig:
         if "cameras" in d:
             d["cameras"] = tuple(d["cameras"])
         cfg = cls(backbone=backbone, head=head, **d)
+        if cfg.backbone.instruction_pooling not in INSTRUCTION_POOLING:
+            raise ValueError(f"backbone.instruction_pooling must be one of {INSTRUCTION_POOLING}, "
+                             f"got {cfg.backbone.instruction_pooling!r}")
         if cfg.head.type not in ("diffusion", "flow", "l1"):
             raise ValueError(f"head.type must be diffusion, flow or l1, got {cfg.head.type!r}")
         if cfg.head.prediction_type not in ("epsilon", "sample"):

@@ -87,13 +87,17 @@ class Backbone(nn.Module):
         return enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
 
     def instruction_embedding(self, input_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """The language model's reading of the instruction alone, (B, hidden): the masked mean of its
-        last hidden states over the instruction's tokens (the prefix puts the text first, so these are
-        its text rows). Causal attention makes it depend on word order, which a mean of the token
-        embeddings did not: "stack the red cube on the blue cube" and "stack the blue cube on the red
-        cube" had one embedding, so the maps and the keypoint head could not tell which cube to lift."""
-        h = self.vlm.text_model(input_ids=input_ids, attention_mask=text_mask.long(),
-                                use_cache=False).last_hidden_state
+        """(B, hidden), by `backbone.instruction_pooling`: "lm", the masked mean of the language
+        model's last hidden states over the instruction alone (the prefix puts the text first, so these
+        are its text rows); "tokens", the masked mean of the token embeddings. Causal attention makes
+        "lm" depend on word order, which "tokens" does not: "stack the red cube on the blue cube" and
+        "stack the blue cube on the red cube" had one embedding, and the maps and the keypoint head
+        could not tell which cube to lift."""
+        if self.cfg.instruction_pooling == "tokens":
+            h = self.vlm.get_input_embeddings()(input_ids)
+        else:
+            h = self.vlm.text_model(input_ids=input_ids, attention_mask=text_mask.long(),
+                                    use_cache=False).last_hidden_state
         m = text_mask[..., None].to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
