@@ -590,6 +590,40 @@ def test_scene_only_collection_feeds_the_keypoint_loss(tiny_dataset, tmp_path):
         Trainer(tiny_cfg(), train_cfg(tiny_dataset, tmp_path / "run2", keypoint_dataset=str(scenes)), progress=False)
 
 
+def test_scenes_train_the_maps_heatmaps_and_skip_the_backbone_under_maps_input(tiny_dataset, tmp_path):
+    """keypoint_input "maps" reads no backbone token, so a scene's keypoint loss needs only its maps: the
+    backbone runs on the demonstration rows alone, the loss is what the full pass gives, and scenes that
+    record where each frame shows the points train the maps' heatmaps as demonstrations do."""
+    scenes = tmp_path / "scenes"
+    collect(scenes, ["press_button"], episodes=4, workers=1, image_size=SIZE, seed=100_000, progress=False,
+            scenes_only=True)
+    d = json.loads(json.dumps(TINY))
+    d["backbone"]["film"] = True
+    d.update(keypoints=6, keypoint_input="maps", spatial_keypoints=2, pixel_keypoints=2)
+    trainer = Trainer(VLAConfig.from_dict(d), train_cfg(tiny_dataset, tmp_path / "run", keypoint_dataset=str(scenes),
+                                                        keypoint_batch=4, state_dropout=0.5), progress=False)
+    b = trainer.make_batch(np.arange(8))
+    n_cam = b["images"].shape[1]
+    assert b["images"].shape[0] == 12 and b["pixel_keypoints"].shape[:2] == (12, n_cam)
+    model = trainer.model.eval()  # no dropout: the two passes are compared exactly
+    seen = []
+    hook = model.backbone.vlm.connector.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
+    with torch.no_grad():
+        torch.manual_seed(0)  # the same noise for the head's loss in both
+        loss = model.loss(**b)
+        hook.remove()
+        cache, memory, spatial, lp, instruction = model.encode(b["images"], b["input_ids"], b["text_mask"],
+                                                               b["state"], b["state_keep"], return_memory=True)
+        torch.manual_seed(0)
+        full = (model._action_loss(cache.first(8), b["actions"], b["action_is_pad"])
+                + b["keypoint_weight"] * torch.nn.functional.smooth_l1_loss(
+                    model.keypoints_from_memory(memory, spatial, instruction), b["keypoints"].float(), beta=0.1)
+                + b["pixel_keypoint_weight"] * model.spatial.heatmap_loss(lp, b["pixel_keypoints"].flatten(0, 1)))
+    assert seen == [8 * n_cam]  # the vision encoder saw the demonstrations' frames only
+    assert torch.allclose(loss, full, rtol=1e-5, atol=1e-6), (loss, full)
+    assert np.isfinite(trainer.train_step(b))
+
+
 def test_keypoint_conditioned_head_starts_from_an_artifact_without_it(tiny_dataset, tmp_path):
     d = json.loads(json.dumps(TINY))
     d["keypoint_cond"] = True

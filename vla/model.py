@@ -541,11 +541,22 @@ class VLA(nn.Module):
         (B, keypoints) targets) are given and the model has a keypoint head, plus
         `pixel_keypoint_weight` x the spatial maps' heatmap loss where `pixel_keypoints` ((B, n_cam,
         P, 2): where each camera's frame, as augmented, shows each point) are given. Rows past
-        len(actions) are keypoint-only samples: they share the backbone pass, not the action loss."""
-        cache, memory, spatial, spatial_lp, instruction = self.encode(images, input_ids, text_mask, state,
-                                                                      state_keep, return_memory=True)
+        len(actions) are keypoint-only samples: they share the backbone pass (under keypoint_input "maps"
+        only the maps' pass), not the action loss."""
         n = len(actions)
-        if len(images) > n:
+        # keypoint_input "maps" reads no backbone token: keypoint-only rows need only their maps
+        maps_only = len(images) > n and self.keypoint_norm is not None
+        rows = slice(None, n) if maps_only else slice(None)
+        cache, memory, spatial, spatial_lp, instruction = self.encode(
+            images[rows], input_ids[rows], text_mask[rows], state[rows],
+            None if state_keep is None else state_keep[rows], return_memory=True)
+        if maps_only:
+            extra = self.instruction_embedding(input_ids[n:], text_mask[n:])
+            extra_lp = self.spatial_log_probs(images[n:], extra)
+            spatial = torch.cat([spatial, self.spatial.coordinates(extra_lp).view(len(images) - n, -1)])
+            spatial_lp = torch.cat([spatial_lp, extra_lp])
+            instruction = torch.cat([instruction, self.keypoint_instruction(extra)])
+        elif len(images) > n:
             cache = cache.first(n)
         loss = self._action_loss(cache, actions, action_is_pad)
         if keypoints is not None and self.keypoint_head is not None:

@@ -208,7 +208,7 @@ class TrainingData:
         self.train_keypoints = model_cfg.keypoints > 0
         if self.train_keypoints:
             _require_keypoints(self.ds, cfg.dataset, model_cfg.keypoints, "vla collect records one")
-        self.pixel_columns = None
+        self.pixel_columns = self.kp_pixel_columns = None
         if model_cfg.pixel_keypoints > 0:
             self.pixel_columns = pixel_keypoint_columns(self.ds.meta, model_cfg.cameras, model_cfg.pixel_keypoints)
         self.stats = Normalizer.stats_from_dataset(self.ds.meta.stats, self.train_keypoints)
@@ -230,6 +230,10 @@ class TrainingData:
             _require_keypoints(self.kp_ds, cfg.keypoint_dataset, model_cfg.keypoints,
                                "vla collect --scenes-only records one")
             self.kp_batches = Batches(len(self.kp_ds), cfg.keypoint_batch, cfg.seed + 1, rank, world)
+            if self.pixel_columns is not None and PIXEL_KEYPOINTS in self.kp_ds.meta.features:
+                # scenes that record where each frame shows the points train the maps' heatmaps too
+                self.kp_pixel_columns = pixel_keypoint_columns(self.kp_ds.meta, model_cfg.cameras,
+                                                               model_cfg.pixel_keypoints)
         self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _open(self, root: str, horizon: int, meta: DatasetMeta | None = None) -> LeRobotDataset:
@@ -250,7 +254,8 @@ class TrainingData:
     def _inputs(self, ds: LeRobotDataset, b: dict) -> dict:
         """The model's inputs (and keypoint targets, if trained) for rows `b` of dataset `ds`."""
         images, state = model_inputs(b, self.model_cfg.cameras, self.norm, self.device)
-        points = self._pixel_points(ds, b) if ds is self.ds and self.pixel_columns is not None else None
+        columns = self.pixel_columns if ds is self.ds else self.kp_pixel_columns
+        points = None if columns is None else self._pixel_points(ds, b, columns)
         if self.cfg.augment:
             if points is None:
                 images = augment(images, self.cfg.augment_shift)
@@ -265,9 +270,9 @@ class TrainingData:
             out["keypoints"] = self.norm.keypoints_normalized(torch.from_numpy(b[ds.env_state_key]).to(self.device))
         return out
 
-    def _pixel_points(self, ds: LeRobotDataset, b: dict) -> torch.Tensor:
+    def _pixel_points(self, ds: LeRobotDataset, b: dict, columns: np.ndarray) -> torch.Tensor:
         """(B, n_cam, P, 2): where each model camera's fitted frame shows each point."""
-        points = fitted_pixel_keypoints(ds.meta, b[PIXEL_KEYPOINTS], self.pixel_columns, self.model_cfg)
+        points = fitted_pixel_keypoints(ds.meta, b[PIXEL_KEYPOINTS], columns, self.model_cfg)
         return torch.from_numpy(points).to(self.device)
 
     def make_batch(self, idx: np.ndarray) -> dict:
