@@ -135,3 +135,33 @@ def test_expert_demos_train_a_policy_that_vla_eval_runs_on_pinned_seeds(tmp_path
     assert result["tasks"]["reach-v3"]["episodes"] == 2 and len(result["tasks"]["reach-v3"]["ci95"]) == 2
     saved = json.loads((tmp_path / "eval/results.json").read_text())
     assert saved["tasks"]["reach-v3"]["episodes"] == 2 and list((tmp_path / "eval/videos").glob("*.mp4"))
+
+
+@needs_metaworld
+def test_scene_only_collection_records_the_first_frame_and_trains_the_maps_keypoints(tmp_path):
+    """`vla collect --suite metaworld --scenes-only`: one frame per seed, the same first frame and targets
+    an expert episode from that seed records, and the data of train.keypoint_dataset."""
+    collect(tmp_path / "scenes", ["reach"], episodes=2, workers=1, image_size=32, suite="metaworld", seed=7,
+            scenes_only=True, progress=False)
+    collect(tmp_path / "demos", ["reach"], episodes=1, workers=1, image_size=32, suite="metaworld", seed=7,
+            progress=False)
+    scenes, demos = LeRobotDataset(tmp_path / "scenes"), LeRobotDataset(tmp_path / "demos")
+    assert len(scenes) == 2 and [e["sim_seed"] for e in scenes.meta.episodes] == [7, 8]
+    assert all(e["sim_scene_only"] for e in scenes.meta.episodes)
+    assert np.array_equal(scenes.env_state[0], demos.env_state[0])
+    first, demo = scenes.batch(np.array([0])), demos.batch(np.array([0]))
+    for key in ("observation.pixel_keypoints", "observation.state"):
+        assert np.array_equal(first[key], demo[key]), key
+    # each dataset's video encodes the frame on its own: the same picture up to the codec
+    assert np.abs(first[CAMERA].astype(float) - demo[CAMERA].astype(float)).mean() < 0.02 * first[CAMERA].max()
+    recipe = {"horizon": 4, "n_action_steps": 2, "keypoints": 6, "keypoint_cond": True, "keypoint_input": "maps",
+              "spatial_keypoints": 3, "pixel_keypoints": 2,
+              "backbone": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+                           "vision_mlp": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1,
+                           "text_mlp": 128, "max_text_tokens": 8, "film": True},
+              "head": {"type": "l1", "hidden": 64, "layers": 1, "heads": 2, "mlp": 128}}
+    final = train(VLAConfig.from_dict(recipe),
+                  TrainConfig(dataset=str(tmp_path / "demos"), output_dir=str(tmp_path / "run"), steps=2, batch_size=4,
+                              warmup_steps=1, save_every=100, keypoint_dataset=str(tmp_path / "scenes"),
+                              keypoint_batch=2), progress=False)
+    assert (final / "model.safetensors").is_file()

@@ -51,7 +51,8 @@ def _rollout(job):
     options = None if variant < 0 else {"variant": variant}
     if scenes_only:
         obs, _ = env.reset(seed=seed, options=options)
-        obs = {**obs, **env.training_targets()}
+        if suite == "tabletop":  # MetaWorld's observation carries its targets already
+            obs = {**obs, **env.training_targets()}
         success, frames = True, [(obs, obs["observation.state"].copy())]
     else:
         success, frames = expert_episode(suite, env, seed, options)
@@ -83,8 +84,8 @@ def collect(out: str | Path, tasks: list[str], episodes: int, workers: int = 2, 
     `scenes_only`: one-frame episodes of the start scene instead (no expert), cheap enough to have
     thousands of layouts; for the keypoint loss only (`train.keypoint_dataset`), never for actions."""
     tasks = suite_tasks(suite, tasks)
-    if suite != "tabletop" and (variants_per_seed > 1 or scenes_only):
-        raise ValueError("--variants-per-seed and --scenes-only are the tabletop suite's")
+    if suite != "tabletop" and variants_per_seed > 1:
+        raise ValueError("--variants-per-seed is the tabletop suite's")
     cameras = tuple(cameras) if suite == "tabletop" else suite_cameras(suite)
     fps, features, robot_type = suite_dataset(suite, image_size, cameras)
     writer = DatasetWriter(out, fps, features, robot_type=robot_type, episodes_per_file=episodes_per_file)
