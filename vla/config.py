@@ -11,7 +11,6 @@ import yaml
 
 from vla.spec import check_image_fit
 
-
 INSTRUCTION_POOLING = ("lm", "tokens")
 
 
