@@ -27,6 +27,16 @@ needs_metaworld = pytest.mark.skipif(bool(MISSING), reason=MISSING)
 CAMERA = "observation.images.corner2"
 
 
+def tiny_recipe(film: bool = False, **model) -> VLAConfig:
+    """A 32-px nano model with 3 spatial maps, 2 trained on the pixel keypoints; `model` adds fields."""
+    backbone = {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
+                "vision_mlp": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1,
+                "text_mlp": 128, "max_text_tokens": 8, "film": film}
+    return VLAConfig.from_dict({"horizon": 4, "n_action_steps": 2, "spatial_keypoints": 3, "pixel_keypoints": 2,
+                                "backbone": backbone, "head": {"type": "l1", "hidden": 64, "layers": 1, "heads": 2,
+                                                               "mlp": 128}, **model})
+
+
 def test_task_sets_follow_lerobot_s_selection():
     assert len(MT10) == 10 and len(MT50) == 50 == len(set(MT50))
     assert {k: len(v) for k, v in GROUPS.items()} == {"easy": 28, "medium": 11, "hard": 6, "very_hard": 5}
@@ -121,13 +131,8 @@ def test_expert_demos_train_a_policy_that_vla_eval_runs_on_pinned_seeds(tmp_path
     assert ds.meta.features["observation.pixel_keypoints"]["names"] == ["corner2.object.x", "corner2.object.y",
                                                                         "corner2.goal.x", "corner2.goal.y"]
     assert [e["sim_seed"] for e in ds.meta.episodes] == [0, 1] and ds.meta.tasks == {0: "reach the goal position"}
-    recipe = {"horizon": 4, "n_action_steps": 2, "spatial_keypoints": 3, "pixel_keypoints": 2,
-              "backbone": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
-                           "vision_mlp": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1,
-                           "text_mlp": 128, "max_text_tokens": 8},
-              "head": {"type": "l1", "hidden": 64, "layers": 1, "heads": 2, "mlp": 128}}
-    final = train(VLAConfig.from_dict(recipe), TrainConfig(dataset=str(tmp_path / "mw"), output_dir=str(tmp_path / "run"),
-                                                            steps=2, batch_size=4, warmup_steps=1, save_every=100),
+    final = train(tiny_recipe(), TrainConfig(dataset=str(tmp_path / "mw"), output_dir=str(tmp_path / "run"),
+                                             steps=2, batch_size=4, warmup_steps=1, save_every=100),
                   progress=False)
     result = evaluate(final, ["reach-v3"], episodes=2, workers=1, out=tmp_path / "eval", suite="metaworld",
                       videos=1, progress=False)
@@ -154,13 +159,7 @@ def test_scene_only_collection_records_the_first_frame_and_trains_the_maps_keypo
         assert np.array_equal(first[key], demo[key]), key
     # each dataset's video encodes the frame on its own: the same picture up to the codec
     assert np.abs(first[CAMERA].astype(float) - demo[CAMERA].astype(float)).mean() < 0.02 * first[CAMERA].max()
-    recipe = {"horizon": 4, "n_action_steps": 2, "keypoints": 6, "keypoint_cond": True, "keypoint_input": "maps",
-              "spatial_keypoints": 3, "pixel_keypoints": 2,
-              "backbone": {"image_size": 32, "patch_size": 8, "vision_hidden": 32, "vision_layers": 1, "vision_heads": 2,
-                           "vision_mlp": 64, "text_hidden": 64, "text_layers": 1, "text_heads": 2, "text_kv_heads": 1,
-                           "text_mlp": 128, "max_text_tokens": 8, "film": True},
-              "head": {"type": "l1", "hidden": 64, "layers": 1, "heads": 2, "mlp": 128}}
-    final = train(VLAConfig.from_dict(recipe),
+    final = train(tiny_recipe(film=True, keypoints=6, keypoint_cond=True, keypoint_input="maps"),
                   TrainConfig(dataset=str(tmp_path / "demos"), output_dir=str(tmp_path / "run"), steps=2, batch_size=4,
                               warmup_steps=1, save_every=100, keypoint_dataset=str(tmp_path / "scenes"),
                               keypoint_batch=2), progress=False)

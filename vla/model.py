@@ -467,8 +467,7 @@ class VLA(nn.Module):
             state_token = state_token * state_keep[:, None].to(state_token.dtype)
         instruction = self.instruction_embedding(input_ids, text_mask)
         memory, mask = self.backbone(input_ids, text_mask, images, state_token, instruction)
-        spatial_lp = self.spatial_log_probs(images, instruction)
-        spatial = None if spatial_lp is None else self.spatial.coordinates(spatial_lp).view(len(images), -1)
+        spatial, spatial_lp = self.spatial_maps(images, instruction)
         kp_instruction = self.keypoint_instruction(instruction)
         cache = self.head.prefix_cache(memory.float(), mask, self.head_condition(memory, spatial, kp_instruction))
         return (cache, memory, spatial, spatial_lp, kp_instruction) if return_memory else cache
@@ -505,6 +504,13 @@ class VLA(nn.Module):
         if film is not None:
             film = film.repeat_interleave(images.shape[1], 0)
         return self.spatial.log_probs(self.backbone.preprocess(images.flatten(0, 1)), film)
+
+    def spatial_maps(self, images: torch.Tensor, instruction: torch.Tensor | None):
+        """`spatial_log_probs` and their coordinates (B, cameras * 2 * maps), or (None, None)."""
+        spatial_lp = self.spatial_log_probs(images, instruction)
+        if spatial_lp is None:
+            return None, None
+        return self.spatial.coordinates(spatial_lp).view(len(images), -1), spatial_lp
 
     def spatial_coordinates(self, frames: torch.Tensor, batch: int, film: torch.Tensor | None = None
                             ) -> torch.Tensor | None:
@@ -552,8 +558,8 @@ class VLA(nn.Module):
             None if state_keep is None else state_keep[rows], return_memory=True)
         if maps_only:
             extra = self.instruction_embedding(input_ids[n:], text_mask[n:])
-            extra_lp = self.spatial_log_probs(images[n:], extra)
-            spatial = torch.cat([spatial, self.spatial.coordinates(extra_lp).view(len(images) - n, -1)])
+            extra_spatial, extra_lp = self.spatial_maps(images[n:], extra)
+            spatial = torch.cat([spatial, extra_spatial])
             spatial_lp = torch.cat([spatial_lp, extra_lp])
             instruction = torch.cat([instruction, self.keypoint_instruction(extra)])
         elif len(images) > n:

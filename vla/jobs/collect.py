@@ -26,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from vla.dataset import PIXEL_KEYPOINTS, DatasetError, DatasetWriter
-from vla.jobs.suites import expert_episode, make_suite_env, suite_cameras, suite_dataset, suite_tasks
+from vla.jobs.suites import expert_episode, make_suite_env, start_scene, suite_cameras, suite_dataset, suite_tasks
 from vla.serving.env_client import EnvServerError
 from vla.sim.env import CAMERAS
 from vla.sim.tasks import TASKS
@@ -50,9 +50,7 @@ def _rollout(job):
     env = _ENVS[key]
     options = None if variant < 0 else {"variant": variant}
     if scenes_only:
-        obs, _ = env.reset(seed=seed, options=options)
-        if suite == "tabletop":  # MetaWorld's observation carries its targets already
-            obs = {**obs, **env.training_targets()}
+        obs = start_scene(suite, env, seed, options)
         success, frames = True, [(obs, obs["observation.state"].copy())]
     else:
         success, frames = expert_episode(suite, env, seed, options)

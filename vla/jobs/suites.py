@@ -73,6 +73,13 @@ def suite_dataset(suite: str, image_size: int, cameras=None) -> tuple[int, dict,
     return CONTROL_HZ, feats, "vla_arm6"
 
 
+def start_scene(suite: str, env, seed: int, options: dict | None = None) -> dict:
+    """The first observation from `seed` with the training targets an expert episode records beside
+    it (the tabletop env keeps them out of its observation; MetaWorld's carries them)."""
+    obs, _ = env.reset(seed=seed, options=options)
+    return {**obs, **env.training_targets()} if suite == "tabletop" else obs
+
+
 def expert_episode(suite: str, env, seed: int, options: dict | None = None):
     """(success, [(observation, action), ...]) of the suite's scripted expert from `seed`."""
     if suite == "tabletop":
