@@ -25,7 +25,7 @@ TEXTS = ["press the red button", "press the blue button"]
 
 
 def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False, spatial_keypoints=0,
-               keypoint_input="prefix", pixel_keypoints=0) -> VLA:
+               keypoint_input="prefix", pixel_keypoints=0, instructed_map_weights=False) -> VLA:
     """head: diffusion (predicting the noise), diffusion-sample (predicting the chunk), flow or l1."""
     d = json.loads(json.dumps(TINY))
     d["head"]["type"], _, prediction = head.partition("-")
@@ -34,6 +34,7 @@ def tiny_model(head="diffusion", image_size=SIZE, keypoint_cond=False, spatial_k
     if keypoint_cond:
         d["keypoints"], d["keypoint_cond"], d["keypoint_input"] = 6, True, keypoint_input
     d["spatial_keypoints"], d["pixel_keypoints"] = spatial_keypoints, pixel_keypoints
+    d["instructed_map_weights"] = instructed_map_weights
     torch.manual_seed(0)
     model = VLA.build(VLAConfig.from_dict(d), build_tokenizer(TEXTS)).eval()
     with torch.no_grad():  # zero-initialised layers would hide bugs: give them values
@@ -59,14 +60,17 @@ def test_pixel_shuffle_groups_are_2x2_blocks():
                                                 ("diffusion", SIZE, True), ("diffusion-sample", SIZE, True),
                                                 ("l1", SIZE, True), ("l1", SIZE, "spatial"),
                                                 ("diffusion", 48, "both"), ("l1", SIZE, "both"),
-                                                ("l1", SIZE, "pixel"), ("l1", SIZE, "maps")])
+                                                ("l1", SIZE, "pixel"), ("l1", SIZE, "maps"),
+                                                ("l1", SIZE, "instructed")])
 def test_full_step_equals_the_plain_path(head, image_size, kp):
     """"pixel": the spatial maps FiLM-conditioned on the instruction (model.pixel_keypoints); "maps":
-    those maps' coordinates and the instruction the keypoint head's only input (keypoint_input maps)."""
-    model = tiny_model(head, image_size, keypoint_cond=kp in (True, "both", "maps"),
-                       spatial_keypoints=4 if kp in ("spatial", "both", "pixel", "maps") else 0,
-                       pixel_keypoints=2 if kp in ("pixel", "maps") else 0,
-                       keypoint_input="maps" if kp == "maps" else "prefix")
+    those maps' coordinates and the instruction the keypoint head's only input (keypoint_input maps);
+    "instructed": "maps" with each map's output weights from the instruction too."""
+    model = tiny_model(head, image_size, keypoint_cond=kp in (True, "both", "maps", "instructed"),
+                       spatial_keypoints=4 if kp in ("spatial", "both", "pixel", "maps", "instructed") else 0,
+                       pixel_keypoints=2 if kp in ("pixel", "maps", "instructed") else 0,
+                       keypoint_input="maps" if kp in ("maps", "instructed") else "prefix",
+                       instructed_map_weights=kp == "instructed")
     g = torch.Generator().manual_seed(1)
     inputs = [(torch.rand(2, 3, image_size, image_size, generator=g), text, torch.randn(7, generator=g),
                torch.randn(1, 4, 7, generator=g)) for text in TEXTS + TEXTS[:1]]

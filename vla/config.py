@@ -87,6 +87,9 @@ class VLAConfig:
     pixel_keypoints: int = 0  # >0: the first that many spatial maps of each camera are trained on where
     #                           the frame shows each point (the dataset's observation.pixel_keypoints,
     #                           a heatmap loss), and the conv net is FiLM-conditioned on the instruction
+    instructed_map_weights: bool = False  # with pixel_keypoints: each map's output weights also come from
+    #                                       the instruction, so two maps can find two objects told apart
+    #                                       only by the words' order ("stack the red cube on the blue cube")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -323,34 +323,47 @@ class SpatialKeypoints(nn.Module):
     With `instruction_dim` the hidden features are FiLM-modulated by the instruction embedding (which
     object a map finds depends on the task) and `heatmap_loss` trains maps directly on where the
     frame shows a point (`model.pixel_keypoints`): a local detector, every pixel a labelled example,
-    so it generalizes across layouts where a regression from a few dozen of them memorizes."""
+    so it generalizes across layouts where a regression from a few dozen of them memorizes.
 
-    def __init__(self, maps: int, channels: int = 32, instruction_dim: int = 0):
+    With `instructed_weights` each map's 1x1 output weights are the fixed ones plus a function of the
+    instruction, so each map picks its own features by the words: "stack the red cube on the blue
+    cube" needs one map on the red cube and another on the blue, objects told apart by the words'
+    order alone, which one FiLM shared by all maps left the second map 5-15 cm off."""
+
+    def __init__(self, maps: int, channels: int = 32, instruction_dim: int = 0, instructed_weights: bool = False):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, channels, 5, stride=2, padding=2), nn.GELU(),
                                   nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
                                   nn.Conv2d(channels, channels, 3, padding=1))  # a 13-px receptive field
         self.out = nn.Sequential(nn.GELU(), nn.Conv2d(channels, maps, 1))
         self.film = None
+        self.instructed_weights = instructed_weights and bool(instruction_dim)
         if instruction_dim:  # zero-init: starts as the unconditioned net
-            self.film = nn.Linear(instruction_dim, 2 * channels)
+            n_weights = maps * (channels + 1) if self.instructed_weights else 0
+            self.film = nn.Linear(instruction_dim, 2 * channels + n_weights)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
         self.log_temperature = nn.Parameter(torch.zeros(()))
 
     def film_params(self, instruction: torch.Tensor) -> torch.Tensor | None:
-        """(B, instruction_dim) -> (B, 2 * channels), or None without FiLM. The embedding is detached:
-        the maps' loss does not move the language model's embeddings."""
+        """(B, instruction_dim) -> (B, 2 * channels: the FiLM, then with `instructed_weights` maps *
+        (channels + 1): each map's added weights and bias), or None without FiLM. The embedding is
+        detached: the maps' loss does not move the language model's embeddings."""
         return None if self.film is None else self.film(instruction.detach().float())
 
     def log_probs(self, frames: torch.Tensor, film: torch.Tensor | None = None) -> torch.Tensor:
-        """frames (N, 3, S, S), normalized as the vision encoder's input; film (N, 2 * channels) or
-        None -> each map's log-softmax over its grid, (N, maps, S / 2, S / 2)."""
+        """frames (N, 3, S, S), normalized as the vision encoder's input; film (N, `film_params` width)
+        or None -> each map's log-softmax over its grid, (N, maps, S / 2, S / 2)."""
         h = self.stem(frames)
+        c = h.shape[1]
         if film is not None:
-            scale, shift = film[:, :, None, None].to(h.dtype).chunk(2, dim=1)
+            scale, shift = film[:, :2 * c, None, None].to(h.dtype).chunk(2, dim=1)
             h = h * (1 + scale) + shift
-        logits = self.out(h)
+        hidden = self.out[0](h)
+        logits = self.out[1](hidden)
+        if film is not None and self.instructed_weights:  # plus a per-frame 1x1 conv
+            weights = film[:, 2 * c:].to(h.dtype).view(len(h), logits.shape[1], c + 1)
+            logits = logits + torch.einsum("nchw,nkc->nkhw", hidden, weights[..., :c]) + weights[..., c, None, None]
         n, k, gh, gw = logits.shape
         return torch.log_softmax(logits.flatten(2).float() * self.log_temperature.exp(), dim=-1).view(n, k, gh, gw)
 
@@ -427,7 +440,8 @@ class VLA(nn.Module):
                              f"spatial maps: model.spatial_keypoints={cfg.spatial_keypoints} must be at least that")
         if n_spatial:  # every camera's coordinates -> the head's adaLN conditioning
             self.spatial = SpatialKeypoints(cfg.spatial_keypoints,
-                                            instruction_dim=backbone.hidden if cfg.pixel_keypoints else 0)
+                                            instruction_dim=backbone.hidden if cfg.pixel_keypoints else 0,
+                                            instructed_weights=cfg.instructed_map_weights)
             self.spatial_cond = nn.Sequential(nn.Linear(n_spatial, cfg.head.hidden), nn.SiLU(),
                                               nn.Linear(cfg.head.hidden, cfg.head.hidden))
         h = cfg.head
