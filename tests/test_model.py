@@ -696,6 +696,20 @@ def _dot_frames(n: int, rng: np.random.Generator, size: int = 48):
     return torch.from_numpy(frames * 2 - 1), torch.from_numpy(points)
 
 
+def _fit_instructed_maps(readout: SpatialKeypoints, frames: torch.Tensor, targets_of, steps: int) -> None:
+    """Adam (lr 1e-2) on the heatmap loss, each frame under one of two instructions (one-hot embeddings)
+    drawn anew each step; targets_of(which: (N,) instruction indices) -> the points (N, P, 2)."""
+    instructions = torch.eye(2)
+    opt = torch.optim.Adam(readout.parameters(), lr=1e-2)
+    for _ in range(steps):
+        which = torch.randint(0, 2, (len(frames),))
+        lp = readout.log_probs(frames, readout.film_params(instructions[which]))
+        loss = readout.heatmap_loss(lp, targets_of(which))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def test_the_heatmap_loss_trains_an_instructed_detector_that_finds_dots_in_new_layouts():
     """model.pixel_keypoints: map 0 trained (heatmap loss) on the red dot under one instruction and on
     the blue dot under another (FiLM picks which) finds them in layouts it never saw, to about a
@@ -705,14 +719,7 @@ def test_the_heatmap_loss_trains_an_instructed_detector_that_finds_dots_in_new_l
     readout = SpatialKeypoints(maps=2, channels=16, instruction_dim=2)
     instructions = torch.eye(2)  # one embedding per instruction: "the red dot", "the blue dot"
     frames, points = _dot_frames(40, rng)  # 40 layouts, as many demonstrations as a few tasks have
-    opt = torch.optim.Adam(readout.parameters(), lr=1e-2)
-    for step in range(250):
-        which = torch.randint(0, 2, (len(frames),))
-        lp = readout.log_probs(frames, readout.film_params(instructions[which]))
-        loss = readout.heatmap_loss(lp, points[torch.arange(len(frames)), which][:, None])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit_instructed_maps(readout, frames, lambda which: points[torch.arange(len(frames)), which][:, None], 250)
     test_frames, test_points = _dot_frames(40, np.random.default_rng(1))
     with torch.no_grad():
         for k in range(2):
@@ -882,7 +889,6 @@ def test_the_trainer_shifts_its_images_by_train_augment_shift(tiny_dataset, tmp_
     assert (_residual_of_affine_fit(plain.flatten(0, 1), shifted.flatten(0, 1)) > 0.01).sum() >= 8
 
 
-
 def _train_ordered_maps(instructed_weights: bool, steps: int = 600) -> list[float]:
     """Maps 0 and 1 trained (heatmap loss) on the first- and the second-named dot of "red on blue" /
     "blue on red" (one embedding each): two dots that differ only by colour and roles told apart only
@@ -892,14 +898,8 @@ def _train_ordered_maps(instructed_weights: bool, steps: int = 600) -> list[floa
     readout = SpatialKeypoints(maps=2, channels=2, instruction_dim=2, instructed_weights=instructed_weights)
     instructions = torch.eye(2)  # 0: red (map 0) on blue (map 1); 1: blue (map 0) on red (map 1)
     frames, points = _dot_frames(40, np.random.default_rng(0))
-    opt = torch.optim.Adam(readout.parameters(), lr=1e-2)
-    for _ in range(steps):
-        which = torch.randint(0, 2, (len(frames),))
-        lp = readout.log_probs(frames, readout.film_params(instructions[which]))
-        loss = readout.heatmap_loss(lp, torch.where((which == 0)[:, None, None], points, points.flip(1)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _fit_instructed_maps(readout, frames, lambda which: torch.where((which == 0)[:, None, None], points, points.flip(1)),
+                         steps)
     test_frames, test_points = _dot_frames(40, np.random.default_rng(1))
     errors = []
     with torch.no_grad():
@@ -918,3 +918,14 @@ def test_instructed_map_weights_find_two_objects_told_apart_only_by_the_words_or
     instructed, film_only = _train_ordered_maps(True), _train_ordered_maps(False)
     assert max(instructed) < 1.5, instructed
     assert max(film_only) > 5, film_only
+
+
+def test_instructed_map_weights_need_the_maps_pixel_keypoints_train():
+    """Without model.pixel_keypoints the maps read no instruction: the setting would do nothing, so it
+    is refused by name rather than dropped."""
+    d = json.loads(json.dumps(TINY))
+    d.update(spatial_keypoints=2, instructed_map_weights=True)
+    with pytest.raises(ValueError, match="model.instructed_map_weights .* model.pixel_keypoints"):
+        VLA.build(VLAConfig.from_dict(d), build_tokenizer(["press the red button"]))
+    with pytest.raises(ValueError, match="instruction_dim"):
+        SpatialKeypoints(maps=2, instructed_weights=True)

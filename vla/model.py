@@ -336,10 +336,12 @@ class SpatialKeypoints(nn.Module):
                                   nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
                                   nn.Conv2d(channels, channels, 3, padding=1))  # a 13-px receptive field
         self.out = nn.Sequential(nn.GELU(), nn.Conv2d(channels, maps, 1))
+        if instructed_weights and not instruction_dim:
+            raise ValueError("instructed map weights are computed from the instruction: give instruction_dim")
         self.film = None
-        self.instructed_weights = instructed_weights and bool(instruction_dim)
+        self.instructed_weights = instructed_weights
         if instruction_dim:  # zero-init: starts as the unconditioned net
-            n_weights = maps * (channels + 1) if self.instructed_weights else 0
+            n_weights = maps * (channels + 1) if instructed_weights else 0
             self.film = nn.Linear(instruction_dim, 2 * channels + n_weights)
             nn.init.zeros_(self.film.weight)
             nn.init.zeros_(self.film.bias)
@@ -438,6 +440,9 @@ class VLA(nn.Module):
         if cfg.pixel_keypoints > cfg.spatial_keypoints:
             raise ValueError(f"model.pixel_keypoints={cfg.pixel_keypoints} trains that many of each camera's "
                              f"spatial maps: model.spatial_keypoints={cfg.spatial_keypoints} must be at least that")
+        if cfg.instructed_map_weights and not cfg.pixel_keypoints:
+            raise ValueError("model.instructed_map_weights conditions the maps that model.pixel_keypoints trains: "
+                             "set model.pixel_keypoints > 0")
         if n_spatial:  # every camera's coordinates -> the head's adaLN conditioning
             self.spatial = SpatialKeypoints(cfg.spatial_keypoints,
                                             instruction_dim=backbone.hidden if cfg.pixel_keypoints else 0,
