@@ -696,13 +696,13 @@ def _dot_frames(n: int, rng: np.random.Generator, size: int = 48):
     return torch.from_numpy(frames * 2 - 1), torch.from_numpy(points)
 
 
-def _fit_instructed_maps(readout: SpatialKeypoints, frames: torch.Tensor, targets_of, steps: int) -> None:
-    """Adam (lr 1e-2) on the heatmap loss, each frame under one of two instructions (one-hot embeddings)
-    drawn anew each step; targets_of(which: (N,) instruction indices) -> the points (N, P, 2)."""
-    instructions = torch.eye(2)
+def _fit_instructed_maps(readout: SpatialKeypoints, frames: torch.Tensor, instructions: torch.Tensor,
+                         targets_of, steps: int) -> None:
+    """Adam (lr 1e-2) on the heatmap loss, each frame under one of the instructions' embeddings (rows of
+    `instructions`) drawn anew each step; targets_of(which: (N,) row indices) -> the points (N, P, 2)."""
     opt = torch.optim.Adam(readout.parameters(), lr=1e-2)
     for _ in range(steps):
-        which = torch.randint(0, 2, (len(frames),))
+        which = torch.randint(0, len(instructions), (len(frames),))
         lp = readout.log_probs(frames, readout.film_params(instructions[which]))
         loss = readout.heatmap_loss(lp, targets_of(which))
         opt.zero_grad()
@@ -719,7 +719,8 @@ def test_the_heatmap_loss_trains_an_instructed_detector_that_finds_dots_in_new_l
     readout = SpatialKeypoints(maps=2, channels=16, instruction_dim=2)
     instructions = torch.eye(2)  # one embedding per instruction: "the red dot", "the blue dot"
     frames, points = _dot_frames(40, rng)  # 40 layouts, as many demonstrations as a few tasks have
-    _fit_instructed_maps(readout, frames, lambda which: points[torch.arange(len(frames)), which][:, None], 250)
+    _fit_instructed_maps(readout, frames, instructions,
+                         lambda which: points[torch.arange(len(frames)), which][:, None], 250)
     test_frames, test_points = _dot_frames(40, np.random.default_rng(1))
     with torch.no_grad():
         for k in range(2):
@@ -898,8 +899,8 @@ def _train_ordered_maps(instructed_weights: bool, steps: int = 600) -> list[floa
     readout = SpatialKeypoints(maps=2, channels=2, instruction_dim=2, instructed_weights=instructed_weights)
     instructions = torch.eye(2)  # 0: red (map 0) on blue (map 1); 1: blue (map 0) on red (map 1)
     frames, points = _dot_frames(40, np.random.default_rng(0))
-    _fit_instructed_maps(readout, frames, lambda which: torch.where((which == 0)[:, None, None], points, points.flip(1)),
-                         steps)
+    _fit_instructed_maps(readout, frames, instructions,
+                         lambda which: torch.where((which == 0)[:, None, None], points, points.flip(1)), steps)
     test_frames, test_points = _dot_frames(40, np.random.default_rng(1))
     errors = []
     with torch.no_grad():
