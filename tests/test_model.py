@@ -862,9 +862,11 @@ def test_augment_shift_zero_jitters_colour_and_moves_no_pixel():
 
 def test_the_mt10_recipe_builds_with_and_without_the_sim_targets():
     """configs/metaworld_mt10.yaml's own note: on a dataset without environment_state and pixel
-    keypoints, model.keypoints=0 model.keypoint_cond=false model.pixel_keypoints=0."""
+    keypoints, model.keypoints=0 model.keypoint_cond=false model.pixel_keypoints=0
+    model.instructed_map_weights=false."""
     tok = build_tokenizer(["reach the goal position"])
-    for overrides in ([], ["model.keypoints=0", "model.keypoint_cond=false", "model.pixel_keypoints=0"]):
+    for overrides in ([], ["model.keypoints=0", "model.keypoint_cond=false", "model.pixel_keypoints=0",
+                           "model.instructed_map_weights=false"]):
         cfg = dataclasses.replace(load_recipe("configs/metaworld_mt10.yaml", overrides)[0], cameras=("corner2",),
                                   state_dim=4, action_dim=4)
         model = VLA.build(cfg, tok)

@@ -442,7 +442,8 @@ class VLA(nn.Module):
                              f"spatial maps: model.spatial_keypoints={cfg.spatial_keypoints} must be at least that")
         if cfg.instructed_map_weights and not cfg.pixel_keypoints:
             raise ValueError("model.instructed_map_weights conditions the maps that model.pixel_keypoints trains: "
-                             "set model.pixel_keypoints > 0")
+                             "set model.pixel_keypoints > 0, or model.instructed_map_weights=false on data "
+                             "without observation.pixel_keypoints")
         if n_spatial:  # every camera's coordinates -> the head's adaLN conditioning
             self.spatial = SpatialKeypoints(cfg.spatial_keypoints,
                                             instruction_dim=backbone.hidden if cfg.pixel_keypoints else 0,
